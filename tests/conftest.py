@@ -1,0 +1,14 @@
+"""Test configuration: 8 fake host CPU devices for sharding tests.
+
+XLA reads the flag when the backend initialises, so it must be set before jax is imported
+anywhere in the test session; conftest.py is imported by pytest before any test module.
+"""
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
