@@ -1,0 +1,97 @@
+"""Shared helpers for benchmark scripts: device description, timing, JSON results.
+
+Every benchmark measures its baseline in the same run (these machines are noisy), reports compile
+time separately from steady-state time, and writes JSON under ``benchmarks/results/``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def device_description() -> dict[str, Any]:
+    """What ran the benchmark: accelerator kind, JAX version, CPU count, host."""
+    import jax
+
+    devices = jax.devices()
+    return {
+        "platform": devices[0].platform,
+        "device_kind": devices[0].device_kind,
+        "num_devices": len(devices),
+        "jax_version": jax.__version__,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+    }
+
+
+@dataclasses.dataclass
+class Timing:
+    """Wall-clock seconds of one callable: first call (compile + run) and steady-state repeats."""
+
+    first_call_s: float
+    steady_s: list[float]
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.steady_s)
+
+    @property
+    def compile_s(self) -> float:
+        """First call minus one steady-state call: the compile (and tracing) cost."""
+        return max(self.first_call_s - self.median_s, 0.0)
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "first_call_s": self.first_call_s,
+            "compile_s": self.compile_s,
+            "median_s": self.median_s,
+            "min_s": min(self.steady_s),
+            "repeats": len(self.steady_s),
+        }
+
+
+def block(x: Any) -> Any:
+    """Wait for every JAX array in a pytree (no-op for other leaves)."""
+    import jax
+
+    return jax.block_until_ready(x)
+
+
+def time_fn(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1) -> Timing:
+    """Times ``fn()`` (which must block until its result is ready, e.g. via ``block``)."""
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    for _ in range(max(warmup - 1, 0)):
+        fn()
+    steady = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        steady.append(time.perf_counter() - start)
+    return Timing(first, steady)
+
+
+def write_results(name: str, payload: dict[str, Any]) -> Path:
+    """Writes ``benchmarks/results/<name>.json`` with the device description and a timestamp."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    record = {
+        "benchmark": name,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_description(),
+        **payload,
+    }
+    path = RESULTS_DIR / f"{name}.json"
+    path.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
+    print(f"wrote {path}")
+    return path
