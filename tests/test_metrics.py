@@ -1,0 +1,227 @@
+"""Tests for coso_jax.metrics: JSONL/TensorBoard logging, success tracking, timing, plots."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from coso_jax.metrics import (
+    MetricsWriter,
+    PhaseTimer,
+    SuccessTracker,
+    mean_se,
+    plot_curves,
+    plot_mean_se,
+    progress_bar,
+    read_jsonl,
+    to_scalar,
+)
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == _PNG_MAGIC
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert width > 100 and height > 100
+    from matplotlib.image import imread
+
+    assert imread(path).shape[:2] == (height, width)
+
+
+def test_to_scalar_conversions():
+    assert to_scalar(jnp.float32(1.5)) == 1.5 and isinstance(to_scalar(jnp.float32(1.5)), float)
+    assert to_scalar(jnp.array([3], dtype=jnp.int32)) == 3
+    assert to_scalar(np.int64(7)) == 7 and isinstance(to_scalar(np.int64(7)), int)
+    assert to_scalar(np.bool_(True)) is True
+    assert to_scalar(float("nan")) is None and to_scalar(jnp.array(jnp.inf)) is None
+    assert to_scalar("coso") == "coso"
+    with pytest.raises(ValueError, match="'loss' must be a scalar"):
+        to_scalar(jnp.ones(3), "loss")
+    with pytest.raises(TypeError, match="'x' has type"):
+        to_scalar(object(), "x")
+
+
+def test_jsonl_round_trip_and_tensorboard(tmp_path: Path):
+    with MetricsWriter(tmp_path) as w:
+        for step in range(1, 4):
+            w.write(step, {"loss": jnp.float32(0.5 * step), "success_rate": np.float64(step / 4),
+                           "episodes": np.int32(step), "algo": "coso", "nan_loss": float("nan")},
+                    env_steps=step * 128)
+        with pytest.raises(ValueError, match="not after the previous step 3"):
+            w.write(3, {"loss": 0.0})
+        with pytest.raises(ValueError, match="reserved"):
+            w.write(4, {"step": 1})
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [r["env_steps"] for r in records] == [128, 256, 384]
+    assert records[1]["loss"] == 1.0 and records[2]["success_rate"] == 0.75
+    assert records[0]["episodes"] == 1 and records[0]["algo"] == "coso"
+    assert records[0]["nan_loss"] is None  # strict JSON: NaN is written as null
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+
+    events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    # The event file holds our scalar tags (tensorboardX writes serialized protos; tag names appear verbatim).
+    blob = b"".join(e.read_bytes() for e in events)
+    assert b"success_rate" in blob and b"env_steps" in blob
+
+
+def test_resume_drops_records_after_resumed_step(tmp_path: Path):
+    with MetricsWriter(tmp_path, tensorboard=False) as w:
+        for step in range(1, 7):
+            w.write(step, {"x": step})
+    # Simulate a crash mid-line after step 6.
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 7, "x"')
+    # The run resumes from its checkpoint at step 4: steps 5-6 (and the partial line) go away.
+    with MetricsWriter(tmp_path, resume_step=4, tensorboard=False) as w:
+        assert [r["step"] for r in read_jsonl(w.path)] == [1, 2, 3, 4]
+        with pytest.raises(ValueError, match="not after the previous step 4"):
+            w.write(4, {"x": 0})
+        for step in range(5, 9):
+            w.write(step, {"x": 10 * step})
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert [r["x"] for r in records] == [1, 2, 3, 4, 50, 60, 70, 80]
+    # A fresh (non-resumed) run starts a new log.
+    with MetricsWriter(tmp_path, tensorboard=False) as w:
+        w.write(1, {"x": 1})
+    assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 1
+
+
+def test_read_jsonl_errors(tmp_path: Path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: not valid JSON"):
+        read_jsonl(bad)
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text('{"step": 1}\n\n{"step": 2, "x"\n')
+    assert read_jsonl(cut) == [{"step": 1}]
+    with pytest.raises(ValueError, match=r"cut\.jsonl:3"):
+        read_jsonl(cut, strict=True)
+
+
+def test_success_tracker_matches_plain_computation():
+    rng = np.random.default_rng(0)
+    n_envs, steps, window = 4, 300, 16
+    rewards = rng.choice([-1.0, 0.0, 0.0, 1.0, 5.0], size=(steps, n_envs))
+    dones = rng.random((steps, n_envs)) < 0.15
+    tracker = SuccessTracker(window)
+
+    # Plain reference: per env, cut the reward stream at done flags.
+    finished = []  # (finish_step, env, return, length)
+    for env in range(n_envs):
+        ret, length = 0.0, 0
+        for t in range(steps):
+            ret += rewards[t, env]
+            length += 1
+            if dones[t, env]:
+                finished.append((t, env, ret, length))
+                ret, length = 0.0, 0
+    finished.sort()  # the tracker sees episodes in step order, then env order
+
+    halfway = None
+    for t in range(steps):
+        tracker.update(rewards[t], dones[t])
+        if t == steps // 2:
+            halfway = json.loads(json.dumps(tracker.state_dict()))  # must survive JSON
+    last = finished[-window:]
+    assert len(tracker) == window and tracker.total_episodes == len(finished)
+    assert math.isclose(tracker.success_rate, np.mean([r > 0 for _, _, r, _ in last]))
+    assert math.isclose(tracker.mean_return, np.mean([r for _, _, r, _ in last]))
+    assert math.isclose(tracker.mean_length, np.mean([n for _, _, _, n in last]))
+    summary = tracker.summary("train/")
+    assert summary["train/success_rate"] == tracker.success_rate and summary["train/episodes"] == len(finished)
+
+    # Restoring the mid-run state and replaying the rest gives the same statistics.
+    resumed = SuccessTracker(window)
+    resumed.load_state_dict(halfway)
+    for t in range(steps // 2 + 1, steps):
+        resumed.update(rewards[t], dones[t])
+    assert resumed.state_dict() == tracker.state_dict()
+
+    empty = SuccessTracker(3)
+    assert math.isnan(empty.success_rate)
+    with pytest.raises(ValueError, match="window 3 != saved window 16"):
+        empty.load_state_dict(halfway)
+    with pytest.raises(ValueError, match="expected 4 envs"):
+        tracker.update(np.zeros(2), np.zeros(2, bool))
+
+
+def test_phase_timer_blocks_on_jax_work():
+    timer = PhaseTimer()
+    f = jax.jit(lambda x: (x @ x).sum())
+    x = jnp.ones((64, 64))
+    f(x).block_until_ready()  # compile outside the timed phases
+    with timer.phase("update") as ph:
+        out = ph.block(f(x))
+    assert float(out) == 64.0 * 64 * 64
+    with timer.phase("rollout"):
+        time.sleep(0.02)
+    with timer.phase("rollout", x):
+        time.sleep(0.01)
+    timer.add("causal", 0.5)
+    assert timer.counts() == {"update": 1, "rollout": 2, "causal": 1}
+    totals = timer.pop()
+    assert totals["time/rollout"] >= 0.03 and totals["time/causal"] == 0.5
+    assert math.isclose(totals["time/total"], sum(v for k, v in totals.items() if k != "time/total"))
+    assert timer.totals() == {"time/total": 0.0}
+
+
+def test_progress_bar_quiet_when_not_a_tty():
+    stream = io.StringIO()
+    with progress_bar(5, "train", file=stream) as bar:
+        assert bar.disabled
+        for _ in range(5):
+            bar.update(1, {"success": jnp.float32(0.25), "it": 3})
+    assert stream.getvalue() == ""
+    shown = io.StringIO()
+    with progress_bar(3, "train", disable=False, file=shown, initial=1) as bar:
+        bar.update(2, {"success": 0.123456})
+        assert bar.n == 3
+    assert "success=0.1235" in shown.getvalue()
+
+
+def test_plot_curves_png(tmp_path: Path):
+    with MetricsWriter(tmp_path, tensorboard=False) as w:
+        for step in range(1, 11):
+            w.write(step, {"success_rate": step / 10 if step > 1 else float("nan")}, env_steps=step * 64)
+    out = plot_curves(tmp_path / "metrics.jsonl", tmp_path / "plots" / "success.png", title="NumberLine")
+    _assert_png(out)
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    out2 = plot_curves({"coso": records, "entropy": records[:5]}, tmp_path / "two.png")
+    _assert_png(out2)
+    out3 = plot_curves([{"step": 1}], tmp_path / "empty.png")  # nothing to draw: still a PNG
+    _assert_png(out3)
+
+
+def test_mean_se_and_plot(tmp_path: Path):
+    x = np.array([0.0, 1.0, 2.0])
+    runs = [(x, np.array([0.0, 0.5, 1.0])), (x, np.array([0.2, 0.5, 0.6])), (x, np.array([0.1, 0.2, 0.8]))]
+    grid, mean, se = mean_se(runs)
+    ys = np.stack([r[1] for r in runs])
+    np.testing.assert_allclose(grid, x)
+    np.testing.assert_allclose(mean, ys.mean(0))
+    np.testing.assert_allclose(se, ys.std(0, ddof=1) / np.sqrt(3))
+    # Different x grids: interpolated over the common range.
+    grid, mean, se = mean_se([(np.array([0.0, 10.0]), np.array([0.0, 1.0])),
+                              (np.array([2.0, 8.0, 12.0]), np.array([0.0, 0.6, 1.0]))], num_points=7)
+    assert grid[0] == 2.0 and grid[-1] == 10.0 and len(grid) == 7
+    np.testing.assert_allclose(mean[[0, -1]], [(0.2 + 0.0) / 2, (1.0 + 0.8) / 2])
+    _, _, se1 = mean_se([runs[0]])
+    assert np.all(se1 == 0)
+    with pytest.raises(ValueError, match="do not overlap"):
+        mean_se([(np.array([0.0, 1.0]), np.zeros(2)), (np.array([2.0, 3.0]), np.zeros(2))])
+    out = plot_mean_se({"coso": runs, "entropy": runs[:2]}, tmp_path / "mean_se.png", title="seeds")
+    _assert_png(out)
