@@ -136,8 +136,12 @@ class TextInterface(abc.ABC):
         return self.invalid_policy.penalty if self.invalid_policy.mode == "penalty" else 0.0
 
     @abc.abstractmethod
-    def prompt(self, info: dict, cot: bool = True) -> str:
-        """The text prompt for the current state (without an image placeholder)."""
+    def prompt(self, info: dict, cot: bool = True, brief: bool = False) -> str:
+        """The text prompt for the current state (without an image placeholder).
+
+        `brief=True` gives a short prompt with only the game and the state the image cannot show,
+        for tiny models trained from scratch (they read no instructions and pay for every token).
+        """
 
     @abc.abstractmethod
     def parse(self, text: str, rng: np.random.Generator) -> ParsedAction:

@@ -27,6 +27,10 @@ __all__ = [
 ]
 
 _JSON_ONLY = "Reply with one JSON object and nothing else, in this form:"
+# The brief prompts keep only what a model cannot learn from the demonstrations: the game and the
+# state the image does not show. They exist for tiny CPU models trained from scratch, which read no
+# instructions and pay for every prompt token.
+_BRIEF_TAIL = "Answer in JSON."
 
 
 def format_answer(fields: Mapping[str, Any]) -> str:
@@ -44,7 +48,9 @@ class NumberLineText(ChoiceTextInterface):
     def __init__(self, invalid_policy: InvalidActionPolicy | None = None) -> None:
         super().__init__("NumberLine", NUMBERLINE_ACTIONS, invalid_policy=invalid_policy)
 
-    def prompt(self, info: Mapping[str, Any] | None = None, cot: bool = True) -> str:
+    def prompt(self, info: Mapping[str, Any] | None = None, cot: bool = True, brief: bool = False) -> str:
+        if brief:
+            return f"NumberLine. {_BRIEF_TAIL}"
         head = (
             "You are playing NumberLine. The image shows a target number and a current number, "
             "each between 0 and 5. Move the current number onto the target, one step at a time.\n"
@@ -69,8 +75,10 @@ class _PointsText(ChoiceTextInterface):
     def __init__(self, actions: tuple[str, ...], invalid_policy: InvalidActionPolicy | None) -> None:
         super().__init__(self.game, actions, ten_first=True, invalid_policy=invalid_policy)
 
-    def prompt(self, info: Mapping[str, Any] | None = None, cot: bool = True) -> str:
+    def prompt(self, info: Mapping[str, Any] | None = None, cot: bool = True, brief: bool = False) -> str:
         formula = display_formula(list((info or {}).get("formula", [])))
+        if brief:
+            return f'{self.game}. Formula so far: "{formula}". {_BRIEF_TAIL}'
         ops = [a for a in self.action_names if not a.isdigit() and a != "="]
         head = (
             f"You are playing {self.game}. The image shows {self.num_cards} playing cards; "
@@ -115,7 +123,9 @@ class BlackjackText(ChoiceTextInterface):
     def __init__(self, invalid_policy: InvalidActionPolicy | None = None) -> None:
         super().__init__("Blackjack", BLACKJACK_ACTIONS, invalid_policy=invalid_policy)
 
-    def prompt(self, info: Mapping[str, Any] | None = None, cot: bool = True) -> str:
+    def prompt(self, info: Mapping[str, Any] | None = None, cot: bool = True, brief: bool = False) -> str:
+        if brief:
+            return f"Blackjack. {_BRIEF_TAIL}"
         head = (
             "You are playing Blackjack. The image shows the dealer's cards (one face up, one face "
             "down) and your cards. Finish closer to 21 than the dealer without going over; J, Q and "

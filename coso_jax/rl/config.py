@@ -1,0 +1,214 @@
+"""Configuration of an online training run (PPO backbone, algos none | entropy | coso).
+
+A `TrainConfig` is a plain frozen dataclass: the launcher builds one from a preset and flag
+overrides, and library code only ever reads it (no flags or globals below `experiments/`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+ALGOS = ("none", "entropy", "coso")
+GYM_CARDS_ENVS = ("NumberLine", "EZPoints", "Points24", "Blackjack")
+PRESETS = ("tiny_cpu", "paper")
+
+Algo = Literal["none", "entropy", "coso"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything one online run needs. Defaults are the `tiny_cpu` preset."""
+
+    # What to train on.
+    env: str = "NumberLine"
+    algo: str = "coso"
+    seed: int = 0
+    preset: str = "tiny_cpu"
+
+    # Policy model. `model_preset` names a tiny LLaVA built from scratch; `hf_dir` loads a local
+    # Hugging Face LLaVA checkpoint instead (then the tokenizer is read from the same directory).
+    model_preset: str = "tiny"
+    hf_dir: str | None = None
+    image_size: int = 64  # observation side after resizing for the vision tower
+    patch_size: int = 16  # tiny ViT patch: (64 / 16)^2 = 16 image tokens
+    vocab_size: int = 1024  # size of the offline BPE built from the env's prompts and demos
+    cot: bool = True  # chain-of-thought prompt (RL4VLM default)
+    prompt_template: str = "tiny"  # see coso_jax.rl.prompting.TEMPLATES
+    brief_prompt: bool = True  # short prompts for tiny models trained from scratch (paper: False)
+    classifier_preset: str = "tiny"  # "reference": hidden 128, 4 heads, 3 layers, FFN 512
+
+    # Rollout.
+    num_envs: int = 16
+    steps_per_update: int = 128  # env steps per PPO update, over all envs together
+    total_env_steps: int = 4096
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    # PPO (RL4VLM).
+    gamma: float = 0.9
+    gae_lambda: float = 0.95
+    clip_eps: float = 0.1
+    value_clip_eps: float = 0.1
+    value_coef: float = 0.5
+    thought_coef: float = 0.5  # lambda: CoT log-prob scale on thought tokens
+    ppo_epochs: int = 4
+    minibatch_size: int = 32
+    grad_accum_steps: int = 1  # micro-batches per optimizer step inside one minibatch
+    lr: float = 1e-4
+    lr_min: float = 1e-9
+    lr_decay_updates: int = 25  # cosine annealing horizon, in PPO updates (RL4VLM: T_max 25)
+    adam_eps: float = 1e-7
+    max_grad_norm: float = 0.5
+
+    # Soft RL.
+    alpha: float = 0.01  # entropy coefficient (entropy and coso)
+
+    # Causal classifier (CoSo's SCM approximation).
+    causal_window: int = 4
+    causal_lr: float = 1e-3
+    causal_batch: int = 1024  # actions sampled from the replay buffer per online update
+    causal_epochs: int = 2
+    causal_minibatch: int = 512
+    causal_pretrain_steps: int = 300
+    causal_replay_capacity: int = 8192  # the paper preset uses the reference 100,000
+    causal_chunk_size: int | None = None
+
+    # SFT warm start on oracle demonstrations.
+    sft_episodes: int = 400
+    sft_imperfect_frac: float = 0.5
+    sft_epochs: int = 3
+    sft_lr: float = 1e-3
+    sft_batch_size: int = 32
+    sft_dir: str | None = None  # where the shared SFT start is cached (default: <workdir>/../sft)
+
+    # Bookkeeping.
+    success_window: int = 200  # RL4VLM: success over the last 200 episodes (Blackjack: 1000)
+    checkpoint_every: int = 2  # iterations
+    keep_checkpoints: int = 3
+    heatmap_every: int = 5  # iterations
+    mesh: str = "data:1"  # e.g. "data:8" or "data:2,fsdp:4"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def env_id(self) -> str:
+        return f"coso_jax/{self.env}-v0"
+
+    @property
+    def steps_per_env(self) -> int:
+        return self.steps_per_update // self.num_envs
+
+    @property
+    def num_updates(self) -> int:
+        return max(self.total_env_steps // self.steps_per_update, 1)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def validate(config: TrainConfig) -> None:
+    """Raises ValueError naming the first bad field."""
+    if config.algo not in ALGOS:
+        raise ValueError(f"algo must be one of {ALGOS}, got {config.algo!r}")
+    if config.env not in GYM_CARDS_ENVS:
+        raise ValueError(f"env must be one of {GYM_CARDS_ENVS}, got {config.env!r}")
+    if config.alpha < 0:
+        raise ValueError(f"alpha must be >= 0, got {config.alpha}")
+    if config.num_envs < 1 or config.steps_per_update % config.num_envs:
+        raise ValueError(
+            f"steps_per_update ({config.steps_per_update}) must be a positive multiple of "
+            f"num_envs ({config.num_envs})"
+        )
+    if config.steps_per_update % config.minibatch_size:
+        raise ValueError(
+            f"steps_per_update ({config.steps_per_update}) must be a multiple of "
+            f"minibatch_size ({config.minibatch_size})"
+        )
+    if config.minibatch_size % config.grad_accum_steps:
+        raise ValueError(
+            f"minibatch_size ({config.minibatch_size}) must be a multiple of "
+            f"grad_accum_steps ({config.grad_accum_steps})"
+        )
+    if not 0.0 < config.temperature:
+        raise ValueError(f"temperature must be > 0, got {config.temperature}")
+    if not 0.0 < config.top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {config.top_p}")
+    if not 0.0 <= config.sft_imperfect_frac <= 1.0:
+        raise ValueError(f"sft_imperfect_frac must be in [0, 1], got {config.sft_imperfect_frac}")
+    if config.causal_window < 1:
+        raise ValueError(f"causal_window must be >= 1, got {config.causal_window}")
+    if config.max_new_tokens < 2:
+        raise ValueError(f"max_new_tokens must be >= 2, got {config.max_new_tokens}")
+    parse_mesh(config.mesh)
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+    """Parses "data:8" / "data:2,fsdp:4" into an ordered {axis: size} dict."""
+    axes: dict[str, int] = {}
+    for part in spec.split(","):
+        name, sep, size = part.strip().partition(":")
+        if not sep or name not in ("data", "fsdp") or not size.isdigit() or int(size) < 1:
+            raise ValueError(
+                f"bad mesh spec {spec!r}: expected comma-separated axis:size with axes 'data' "
+                "and/or 'fsdp', e.g. 'data:8' or 'data:2,fsdp:4'"
+            )
+        if name in axes:
+            raise ValueError(f"bad mesh spec {spec!r}: axis {name!r} given twice")
+        axes[name] = int(size)
+    return axes
+
+
+def preset(name: str, **overrides: Any) -> TrainConfig:
+    """Returns a named preset with overrides applied.
+
+    `tiny_cpu`: a tiny LLaVA trained from scratch that runs SFT + online RL on this CPU in minutes.
+    `paper`: RL4VLM's PPO numbers (gamma 0.9, GAE 0.95, clip 0.1, lambda 0.5, temperature 0.2,
+    lr 1e-5 cosine, 512 steps per update (1024 for EZPoints/Points24), 15k env steps); meant for a
+    real LLaVA (`hf_dir`) on an accelerator.
+    """
+    if name == "tiny_cpu":
+        return TrainConfig(preset=name, **overrides)
+    if name == "paper":
+        env = overrides.get("env", TrainConfig.env)
+        steps = 1024 if env in ("EZPoints", "Points24") else 512
+        base: dict[str, Any] = dict(
+            preset=name,
+            model_preset="llava_1_6_mistral_7b",
+            prompt_template="mistral_instruct",
+            brief_prompt=False,
+            classifier_preset="reference",
+            image_size=336,
+            patch_size=14,
+            vocab_size=32064,
+            # RL4VLM steps one env per GPU process; batched sampling makes several envs cheaper.
+            num_envs=8,
+            steps_per_update=steps,
+            total_env_steps=15_000,
+            max_new_tokens=256,
+            temperature=0.2,
+            gamma=0.9,
+            gae_lambda=0.95,
+            clip_eps=0.1,
+            value_clip_eps=0.1,
+            thought_coef=0.5,
+            ppo_epochs=4,
+            minibatch_size=128,
+            grad_accum_steps=128,
+            lr=1e-5,
+            lr_min=1e-9,
+            lr_decay_updates=25,
+            max_grad_norm=0.01,
+            causal_lr=1e-5,
+            causal_pretrain_steps=500,
+            causal_replay_capacity=100_000,
+            success_window=1000 if env == "Blackjack" else 200,
+        )
+        base.update(overrides)
+        return TrainConfig(**base)
+    raise ValueError(f"unknown preset {name!r}; choose one of {PRESETS}")
