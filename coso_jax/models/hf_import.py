@@ -34,6 +34,8 @@ FAMILIES: dict[str, str] = {
     "qwen2": "coso_jax.models.llama",
     "llava": "coso_jax.models.llava",
     "llava_next": "coso_jax.models.llava",
+    "clip_vision_model": "coso_jax.models.clip",
+    "t5": "coso_jax.models.t5",
 }
 
 KeyMap = Iterable[tuple[str, Optional[tuple], Optional[Callable[[np.ndarray], np.ndarray]]]]
@@ -201,4 +203,9 @@ def from_pretrained(local_dir: str | Path, dtype: Any = jnp.float32, param_dtype
     key_map = list(family.hf_key_map(config := family.config_from_hf(
         hf_config, dtype=dtype, param_dtype=param_dtype or dtype)))
     abstract = nnx.eval_shape(lambda: family.build_model(config, rngs=nnx.Rngs(0)))
-    return apply_key_map(abstract, load_hf_tensors(local_dir), key_map, source=str(local_dir))
+    tensors = load_hf_tensors(local_dir)
+    # Some families accept several historical key layouts (e.g. hub LLaVA checkpoints name the
+    # vision weights `vision_tower.vision_model.*`); they map them onto one canonical layout.
+    if hasattr(family, "normalize_hf_tensors"):
+        tensors = family.normalize_hf_tensors(tensors)
+    return apply_key_map(abstract, tensors, key_map, source=str(local_dir))

@@ -275,6 +275,34 @@ class Trainer:
         self._last_texts = (self.buffer.flat_texts(), flat, weights)
         return record
 
+    def evaluate(self, num_steps: int = 256, seed: int = 10_000_019) -> dict[str, float]:
+        """Success of the current policy on fresh envs (own seeds; the training envs are untouched).
+
+        Samples at the training temperature, as RL4VLM's curves do. Episodes still running after
+        `num_steps` steps are not counted.
+        """
+        config = self.config
+        evaluator = VectorRollout(config.env, config.num_envs, self.encoder, self.tokenizer, seed=seed,
+                                  cot=config.cot, brief=config.brief_prompt)
+        steps = max(num_steps // config.num_envs, 1)
+        scratch = RolloutBuffer(steps, config.num_envs, self.encoder.prompt_len, config.max_new_tokens,
+                                self.buffer.pixel_shape, self.buffer.pixel_dtype)
+        saved_key = self.key
+        self.key = jax.random.fold_in(self.key, seed)  # evaluation must not shift the training RNG
+        try:
+            stats = evaluator.collect(scratch, self.policy_fn)
+        finally:
+            self.key = saved_key
+            evaluator.close()
+        returns = np.asarray(stats.returns)
+        flat_valid = scratch.flat()["valid"]
+        return {
+            "episodes": int(returns.size),
+            "success_rate": float(np.mean(returns > 0)) if returns.size else float("nan"),
+            "mean_return": float(returns.mean()) if returns.size else float("nan"),
+            "invalid_action_rate": float(1.0 - flat_valid.mean()),
+        }
+
     def train(self) -> list[dict[str, Any]]:
         config = self.config
         history = []
