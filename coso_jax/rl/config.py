@@ -40,9 +40,9 @@ class TrainConfig:
     # Rollout.
     num_envs: int = 16
     steps_per_update: int = 128  # env steps per PPO update, over all envs together
-    total_env_steps: int = 4096
+    total_env_steps: int = 2048
     max_new_tokens: int = 48
-    temperature: float = 1.0
+    temperature: float = 0.5
     top_p: float = 1.0
 
     # PPO (RL4VLM).
@@ -52,14 +52,14 @@ class TrainConfig:
     value_clip_eps: float = 0.1
     value_coef: float = 0.5
     thought_coef: float = 0.5  # lambda: CoT log-prob scale on thought tokens
-    ppo_epochs: int = 4
+    ppo_epochs: int = 2
     minibatch_size: int = 32
     grad_accum_steps: int = 1  # micro-batches per optimizer step inside one minibatch
     lr: float = 1e-4
     lr_min: float = 1e-9
     lr_decay_updates: int = 25  # cosine annealing horizon, in PPO updates (RL4VLM: T_max 25)
     adam_eps: float = 1e-7
-    max_grad_norm: float = 0.5
+    max_grad_norm: float = 1.0
 
     # Soft RL.
     alpha: float = 0.01  # entropy coefficient (entropy and coso)
@@ -70,13 +70,13 @@ class TrainConfig:
     causal_batch: int = 1024  # actions sampled from the replay buffer per online update
     causal_epochs: int = 2
     causal_minibatch: int = 512
-    causal_pretrain_steps: int = 300
+    causal_pretrain_steps: int = 100
     causal_replay_capacity: int = 8192  # the paper preset uses the reference 100,000
     causal_chunk_size: int | None = None
 
     # SFT warm start on oracle demonstrations.
-    sft_episodes: int = 400
-    sft_imperfect_frac: float = 0.5
+    sft_episodes: int = 300
+    sft_imperfect_frac: float = 0.3
     sft_epochs: int = 3
     sft_lr: float = 1e-3
     sft_batch_size: int = 32
