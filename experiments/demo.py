@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from coso_jax.rl.config import ALGOS, preset
 
@@ -28,6 +28,8 @@ flags.DEFINE_integer("eval_steps", 512, "Env steps of each evaluation (SFT start
 
 def main(argv):
     del argv
+    # Orbax logs every checkpoint step at INFO through absl; the progress bar says enough.
+    logging.set_verbosity(logging.WARNING)
     from coso_jax.rl.trainer import Trainer
 
     overrides = {"env": "NumberLine", "algo": FLAGS.algo, "seed": FLAGS.seed}

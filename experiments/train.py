@@ -13,9 +13,8 @@ and launch the same command everywhere; --mesh then spans all hosts' devices.
 from __future__ import annotations
 
 import json
-import logging
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from coso_jax.rl.config import ALGOS, GYM_CARDS_ENVS, PRESETS, parse_mesh, preset
 
@@ -76,7 +75,8 @@ def config_from_flags():
 
 def main(argv):
     del argv
-    logging.getLogger("absl").setLevel(logging.INFO)
+    # Orbax logs every checkpoint step at INFO through absl; the progress bar says enough.
+    logging.set_verbosity(logging.WARNING)
     from coso_jax.rl.train_state import maybe_initialize_distributed
     from coso_jax.rl.trainer import Trainer
 
