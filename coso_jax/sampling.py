@@ -234,6 +234,14 @@ def score_fn(model, value_head, prompt_ids, prompt_mask, response_ids, response_
     )
 
 
+def score_batch_fn(model, value_head, batch, *, temperature: float, remat: bool = False) -> ScoreOutput:
+    """`score_fn` on a batch dict with the keys `prompt_ids`, `prompt_mask`, `response_ids`,
+    `response_mask`, `pixel_values` and optionally `image_sizes` (the trainer's batch layout)."""
+    return score_fn(model, value_head, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
+                    batch["response_mask"], pixel_values=batch.get("pixel_values"),
+                    image_sizes=batch.get("image_sizes"), temperature=temperature, remat=remat)
+
+
 # --------------------------------------------------------------------------------------------------
 # Jitted wrappers
 # --------------------------------------------------------------------------------------------------

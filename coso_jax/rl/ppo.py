@@ -56,18 +56,7 @@ def entropy_bonus(entropies: jax.Array, mask: jax.Array, causal_weights: jax.Arr
 
 def ppo_loss(model: ActorCritic, batch: dict[str, jax.Array], hp: PPOHyper) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Clipped PPO policy loss + value loss - alpha * entropy bonus, and diagnostics."""
-    out = sampling.score_fn(
-        model.policy,
-        model.value_head,
-        batch["prompt_ids"],
-        batch["prompt_mask"],
-        batch["response_ids"],
-        batch["response_mask"],
-        pixel_values=batch["pixel_values"],
-        image_sizes=batch.get("image_sizes"),
-        temperature=hp.temperature,
-        remat=hp.remat,
-    )
+    out = sampling.score_batch_fn(model.policy, model.value_head, batch, temperature=hp.temperature, remat=hp.remat)
     mask = batch["response_mask"]
     new_logp = losses.sequence_logprob(out.logprobs, mask, batch["thought_mask"], hp.thought_coef)
     old_logp = losses.sequence_logprob(batch["old_logprobs"], mask, batch["thought_mask"], hp.thought_coef)

@@ -88,17 +88,7 @@ def sft_arrays(demos: DemoSet, encoder: PromptEncoder, tokenizer: Any, max_new_t
 
 def sft_loss(model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
     """Mean negative log-likelihood per answer token (teacher forcing, temperature 1)."""
-    out = sampling.score_fn(
-        model,
-        None,
-        batch["prompt_ids"],
-        batch["prompt_mask"],
-        batch["response_ids"],
-        batch["response_mask"],
-        pixel_values=batch["pixel_values"],
-        image_sizes=batch.get("image_sizes"),
-        temperature=1.0,
-    )
+    out = sampling.score_batch_fn(model, None, batch, temperature=1.0)
     mask = batch["response_mask"].astype(jnp.float32)
     return -jnp.sum(out.logprobs * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
