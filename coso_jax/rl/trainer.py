@@ -73,6 +73,17 @@ class Trainer:
         self.config = config
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        # Checked first, before envs and models exist: the fingerprint makes resuming with different
+        # settings a clear error, not a silent mix, and a finished run is never overwritten.
+        self.checkpointer = ckpt.Checkpointer(self.workdir / "checkpoints", save_interval_steps=1,
+                                              max_to_keep=config.keep_checkpoints,
+                                              fingerprint=ckpt.config_fingerprint(_resume_fields(config)))
+        if not resume and self.checkpointer.latest_step() is not None:
+            self.checkpointer.close()
+            raise FileExistsError(
+                f"{self.workdir / 'checkpoints'} already holds checkpoints; pass --resume to continue "
+                "that run or choose a new --workdir"
+            )
         self.mesh = make_mesh(config.mesh)
         check_batch_divisible(self.mesh, config.minibatch_size // config.grad_accum_steps, "micro-batch size")
         self.sft_dir = Path(config.sft_dir) if config.sft_dir else default_sft_dir(config, self.workdir)
@@ -127,19 +138,10 @@ class Trainer:
         self.tracker = metrics_lib.SuccessTracker(config.success_window)
 
         self._build_jitted()
-        # The fingerprint makes resuming with different settings a clear error, not a silent mix.
-        self.checkpointer = ckpt.Checkpointer(self.workdir / "checkpoints", save_interval_steps=1,
-                                              max_to_keep=config.keep_checkpoints,
-                                              fingerprint=ckpt.config_fingerprint(_resume_fields(config)))
         if resume and self.checkpointer.latest_step() is not None:
             self._restore()
         elif resume:
             log.warning("--resume given but %s holds no checkpoint: starting a new run", self.workdir)
-        elif self.checkpointer.latest_step() is not None:
-            raise FileExistsError(
-                f"{self.workdir / 'checkpoints'} already holds checkpoints; pass --resume to continue "
-                "that run or choose a new --workdir"
-            )
         self.writer = metrics_lib.MetricsWriter(self.workdir, resume_step=self.iteration if resume else None)
         (self.workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
