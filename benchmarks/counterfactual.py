@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import time
 
 import jax
@@ -326,6 +327,7 @@ def main():
     else:
         shapes = [(32, 64), (128, 64), (32, 256), (128, 256)]
     rows = []
+    load_before = os.getloadavg()
     for batch, length in shapes:
         few = on_cpu and (length > 64 or batch > 32)
         rows.append(run_shape(model, fn, torch_model, batch, length, repeats=2 if few else 4,
@@ -342,6 +344,10 @@ def main():
                        "num_labels": NUM_LABELS},
         "window": WINDOW, "skip_fraction": SKIP_FRACTION, "row_lengths": "uniform [L/4, L]",
         "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
+        # Other jobs share this machine's cores; ratios measured at a high load are pessimistic
+        # for (a), whose many short XLA ops suffer more from oversubscribed cores than torch.
+        "load_average_1_5_15min_before": [round(x, 2) for x in load_before],
+        "load_average_1_5_15min_after": [round(x, 2) for x in os.getloadavg()],
         "bar": "ours >= 3x faster than torch at B=128, L=64 (aim 5x)",
         "results": rows,
     })
