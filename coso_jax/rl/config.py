@@ -57,7 +57,7 @@ class TrainConfig:
     grad_accum_steps: int = 1  # micro-batches per optimizer step inside one minibatch
     lr: float = 1e-4
     lr_min: float = 1e-9
-    lr_decay_updates: int = 25  # cosine annealing horizon, in PPO updates (RL4VLM: T_max 25)
+    lr_decay_updates: int = 16  # cosine annealing horizon, in PPO updates (RL4VLM: T_max 25)
     adam_eps: float = 1e-7
     max_grad_norm: float = 1.0
 
@@ -77,7 +77,7 @@ class TrainConfig:
     # SFT warm start on oracle demonstrations.
     sft_episodes: int = 300
     sft_imperfect_frac: float = 0.3
-    sft_epochs: int = 3
+    sft_epochs: int = 10  # fewer leave the tiny decoder unable to copy the state into its thoughts
     sft_lr: float = 1e-3
     sft_batch_size: int = 32
     sft_dir: str | None = None  # where the shared SFT start is cached (default: <workdir>/../sft)
@@ -203,6 +203,7 @@ def preset(name: str, **overrides: Any) -> TrainConfig:
             lr=1e-5,
             lr_min=1e-9,
             lr_decay_updates=25,
+            sft_epochs=3,
             max_grad_norm=0.01,
             causal_lr=1e-5,
             causal_pretrain_steps=500,
