@@ -55,6 +55,7 @@ import numpy as np
 from flax import nnx
 
 from coso_jax.models import hf_import
+from coso_jax.models.llama import RMSNorm
 
 Dtype = Any
 
@@ -237,18 +238,8 @@ def _linear(cfg: T5Config, din: int, dout: int, std: float, rngs: nnx.Rngs, bias
                       kernel_init=nnx.initializers.normal(std), rngs=rngs)
 
 
-class T5LayerNorm(nnx.Module):
-    """`x / sqrt(mean(x**2) + eps) * weight` — no mean subtraction, no bias; statistics in float32."""
-
-    def __init__(self, dim: int, *, eps: float, dtype: Dtype, param_dtype: Dtype):
-        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
-        self.eps = eps
-        self.dtype = dtype
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return self.weight[...].astype(self.dtype) * x32.astype(self.dtype)
+# T5's LayerNorm is an RMSNorm: no mean subtraction, no bias, statistics in float32.
+T5LayerNorm = RMSNorm
 
 
 class T5Attention(nnx.Module):

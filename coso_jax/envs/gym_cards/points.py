@@ -69,7 +69,14 @@ class PointsEnv(gym.Env):
         raise NotImplementedError
 
     def _draw_cards(self) -> np.ndarray:
-        raise NotImplementedError
+        """The cards in a row on the table, vertically centred; sizes come from the subclass."""
+        canvas = np.empty((R.CANVAS, R.CANVAS, 3), np.uint8)
+        canvas[:] = R.TABLE_GREEN
+        y = int((R.CANVAS - self.card_h) / 2)
+        for i, (rank, suit) in enumerate(zip(self._ranks, self._suits)):
+            x = 5 + int(i * self.card_w * 1.1)
+            R.paste(canvas, R.card_face(R.rank_name(rank), suit, self.card_w, self.card_h), x, y)
+        return canvas
 
     def _formula_band(self) -> tuple[int, np.ndarray]:
         raise NotImplementedError
@@ -172,15 +179,6 @@ class EZPointsEnv(PointsEnv):
             ranks, suits = ranks[::-1], suits[::-1]
         return ranks, suits
 
-    def _draw_cards(self) -> np.ndarray:
-        canvas = np.empty((R.CANVAS, R.CANVAS, 3), np.uint8)
-        canvas[:] = R.TABLE_GREEN
-        y = int((R.CANVAS - self.card_h) / 2)
-        for i, (rank, suit) in enumerate(zip(self._ranks, self._suits)):
-            x = 5 + int(i * self.card_w * 1.1)
-            R.paste(canvas, R.card_face(R.rank_name(rank), suit, self.card_w, self.card_h), x, y)
-        return canvas
-
     def _formula_band(self) -> tuple[int, np.ndarray]:
         top = 250
         text = "Formula: " + display_formula(self.formula)
@@ -203,15 +201,6 @@ class Points24Env(PointsEnv):
         ranks = [int(r) for r in rng.integers(1, 14, size=4)]
         suits = [R.SUITS[int(s)] for s in rng.integers(0, 4, size=4)]
         return ranks, suits
-
-    def _draw_cards(self) -> np.ndarray:
-        canvas = np.empty((R.CANVAS, R.CANVAS, 3), np.uint8)
-        canvas[:] = R.TABLE_GREEN
-        y = int((R.CANVAS - self.card_h) / 2)
-        for i, (rank, suit) in enumerate(zip(self._ranks, self._suits)):
-            x = 5 + int(i * self.card_w * 1.1)
-            R.paste(canvas, R.card_face(R.rank_name(rank), suit, self.card_w, self.card_h), x, y)
-        return canvas
 
     def _formula_band(self) -> tuple[int, np.ndarray]:
         top = 200
