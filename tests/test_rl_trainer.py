@@ -29,6 +29,7 @@ from coso_jax.checkpoint import CheckpointError
 from coso_jax.rl.config import preset
 from coso_jax.rl.train_state import put
 from coso_jax.rl.trainer import Trainer
+from test_rl_units import _python_gae  # the plain-loop GAE reference, shared
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -165,19 +166,6 @@ def test_end_to_end_run_writes_artifacts(runs):
     assert json.loads((wd / "config.json").read_text())["algo"] == "coso"
     assert (wd / "tb").is_dir()
     assert runs["sft_summary"]["sft_final_loss"] < runs["sft_summary"]["sft_first_loss"]
-
-
-def _python_gae(rewards, values, dones, bootstrap, gamma, lam):
-    t_max, num_envs = rewards.shape
-    adv = np.zeros((t_max, num_envs))
-    for e in range(num_envs):
-        running = 0.0
-        for t in reversed(range(t_max)):
-            next_v = bootstrap[e] if t == t_max - 1 else values[t + 1, e]
-            nonterminal = 0.0 if dones[t, e] else 1.0
-            running = rewards[t, e] + gamma * next_v * nonterminal - values[t, e] + gamma * lam * nonterminal * running
-            adv[t, e] = running
-    return adv, adv + values
 
 
 def test_trainer_gae_wiring_matches_python_loop(runs):
