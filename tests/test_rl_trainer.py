@@ -6,8 +6,9 @@ One SFT start is built per session (`rl_sft_dir`) and three runs share it:
   B: the same config for 2 iterations, closed, then
   C: a new Trainer on B's workdir with resume=True for 2 more.
 A must equal C (params, optimizer, classifier, RNG, counters and metrics records).
-B and C reuse A's compiled step functions (same config and graph structure, so the same programs):
-each Trainer would otherwise recompile its sampler, update and classifier step (~1 min on 2 cores).
+B and C reuse A's compiled step functions through one `StepCache` (same config and graph structure,
+so the same programs): each Trainer would otherwise recompile its sampler, update and classifier step
+(~1 min on 2 cores). The test checks that B and C built no step of their own.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from coso_jax import metrics as metrics_lib
 from coso_jax.checkpoint import CheckpointError
 from coso_jax.rl.config import preset
 from coso_jax.rl.train_state import put
-from coso_jax.rl.trainer import Trainer
+from coso_jax.rl.trainer import StepCache, Trainer
 from test_rl_units import _python_gae  # the plain-loop GAE reference, shared
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,16 +50,6 @@ def rl_sft_dir(tmp_path_factory):
 
 def tiny_config(sft_dir, **overrides):
     return preset("tiny_cpu", **{**TINY, "sft_dir": str(sft_dir), **overrides})
-
-
-_COMPILED = ("_sample", "_value", "classifier_step", "_update", "_batch_shardings")
-
-
-def share_compiled(dst: Trainer, compiled: dict) -> None:
-    for name, value in compiled.items():
-        if name != "_batch_shardings":  # set lazily, with _update
-            assert hasattr(dst, name), f"Trainer has no attribute {name!r} any more: update this test"
-        setattr(dst, name, value)
 
 
 def instrument_gae(trainer: Trainer, log: list) -> None:
@@ -106,24 +97,23 @@ def runs(rl_sft_dir, tmp_path_factory):
     out = {"root": root, "gae": []}
 
     cfg4 = tiny_config(rl_sft_dir, total_env_steps=64)
-    a = Trainer(cfg4, root / "a")
-    compiled = {name: getattr(a, name) for name in _COMPILED[:3]}  # before instrumenting
+    cache = StepCache()
+    a = Trainer(cfg4, root / "a", step_cache=cache)
     instrument_gae(a, out["gae"])
     out["a_history"] = a.train()
     out["a"] = snapshot(a)
-    compiled.update({name: getattr(a, name) for name in _COMPILED[3:]})  # built lazily by the 1st update
     out["a_trainer"] = a
     out["sft_summary"] = a.sft_summary
+    out["builds_after_a"] = dict(cache.builds)
 
-    b = Trainer(tiny_config(rl_sft_dir, total_env_steps=32), root / "b")
-    share_compiled(b, compiled)
+    b = Trainer(tiny_config(rl_sft_dir, total_env_steps=32), root / "b", step_cache=cache)
     out["b_history"] = b.train()
     b.close()
 
-    c = Trainer(cfg4, root / "b", resume=True)
+    c = Trainer(cfg4, root / "b", resume=True, step_cache=cache)
     out["c_resumed_at"] = c.iteration
-    share_compiled(c, compiled)
     out["c_history"] = c.train()
+    out["builds_after_c"] = dict(cache.builds)
     out["c"] = snapshot(c)
     out["c_trainer"] = c
     out["cfg4"] = cfg4
@@ -205,6 +195,20 @@ def test_resume_equals_uninterrupted_run(runs):
         _same_scalars(_scalars(x), _scalars(y))
     # The run is not trivially constant: params moved away from the SFT start.
     assert any(r["ppo/approx_kl"] > 0 for r in a_records)
+
+
+def test_step_cache_shares_compiled_steps(runs):
+    # A built each step once; B (other total_env_steps) and the resumed C reused every one of them.
+    assert runs["builds_after_a"] == {"classifier_step": 1, "sample": 1, "value": 1, "update": 1}
+    assert runs["builds_after_c"] == runs["builds_after_a"]
+
+
+def test_step_cache_keys_on_the_program():
+    cache = StepCache()
+    built = []
+    for key in [("sample", 0.5), ("sample", 0.5), ("sample", 1.0)]:
+        cache.get("sample", key, lambda: built.append(key) or object())
+    assert built == [("sample", 0.5), ("sample", 1.0)] and cache.builds == {"sample": 2}
 
 
 def test_resume_with_other_config_is_a_clear_error(runs, rl_sft_dir):
