@@ -82,16 +82,17 @@ def time_fn(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1) -> Timi
     return Timing(first, steady)
 
 
-def write_results(name: str, payload: dict[str, Any]) -> Path:
-    """Writes ``benchmarks/results/<name>.json`` with the device description and a timestamp."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+def write_results(name: str, payload: dict[str, Any], out_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Writes ``<out_dir or benchmarks/results>/<name>.json`` with the device description and a timestamp."""
+    out = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    out.mkdir(parents=True, exist_ok=True)
     record = {
         "benchmark": name,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": device_description(),
         **payload,
     }
-    path = RESULTS_DIR / f"{name}.json"
+    path = out / f"{name}.json"
     path.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
     print(f"wrote {path}")
     return path

@@ -312,7 +312,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one small shape, no JSON")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--shapes", default="32x64,128x64,32x256,128x256",
+                        help="comma-separated BxL shapes to time (the JSON is written only for "
+                             "the full default set)")
     args = parser.parse_args()
+    try:
+        shapes = [tuple(int(v) for v in item.lower().split("x")) for item in args.shapes.split(",")]
+        if any(len(shape) != 2 or min(shape) < 1 for shape in shapes):
+            raise ValueError
+    except ValueError:
+        parser.error(f"--shapes must look like 128x64,32x256; got {args.shapes!r}")
+    full_set = args.shapes == parser.get_default("shapes")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -324,15 +334,13 @@ def main():
     on_cpu = device.platform == "cpu"
     if args.quick:
         shapes = [(32, 64)]
-    else:
-        shapes = [(32, 64), (128, 64), (32, 256), (128, 256)]
     rows = []
     load_before = os.getloadavg()
     for batch, length in shapes:
         few = on_cpu and (length > 64 or batch > 32)
         rows.append(run_shape(model, fn, torch_model, batch, length, repeats=2 if few else 4,
                               naive_repeats=1 if few else 2, torch_repeats=1 if few else 2))
-    if args.quick:
+    if args.quick or not full_set:
         return
     name = "counterfactual_cpu" if on_cpu else f"counterfactual_{device.platform}"
     write_results(name, {

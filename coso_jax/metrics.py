@@ -38,6 +38,7 @@ __all__ = [
     "mean_se",
     "plot_curves",
     "plot_mean_se",
+    "plot_mean_se_panels",
     "progress_bar",
     "read_jsonl",
     "to_scalar",
@@ -586,12 +587,52 @@ def plot_mean_se(
       curves: label (e.g. algorithm) -> list of runs (e.g. seeds), each ``(x, y)`` arrays.
     """
     fig, ax = _figure()
-    for label, runs in curves.items():
-        grid, mean, se = mean_se(runs, num_points=num_points)
-        (line,) = ax.plot(grid, mean, label=f"{label} (n={len(runs)})")
-        ax.fill_between(grid, mean - se, mean + se, color=line.get_color(), alpha=0.25, linewidth=0)
+    _draw_mean_se(ax, curves, num_points)
     _decorate(ax, xlabel, ylabel, title, legend=bool(curves))
     return _save(fig, out_png)
+
+
+def plot_mean_se_panels(
+    panels: Mapping[str, Mapping[str, Sequence[tuple[Any, Any]]]],
+    out_png: str | os.PathLike[str],
+    *,
+    ncols: int = 2,
+    xlabel: str = "env steps",
+    ylabel: str = "success rate",
+    title: str | None = None,
+    num_points: int = 100,
+) -> Path:
+    """One panel per key of ``panels`` (e.g. a game), each drawn like :func:`plot_mean_se`.
+
+    Labels keep the same colour in every panel, so one legend reads across the figure.
+    """
+    from matplotlib.figure import Figure
+
+    if not panels:
+        raise ValueError("plot_mean_se_panels needs at least one panel")
+    nrows = -(-len(panels) // ncols)
+    fig = Figure(figsize=(5.2 * ncols, 3.8 * nrows), dpi=120)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    labels = list(dict.fromkeys(label for curves in panels.values() for label in curves))
+    colors = {label: f"C{i}" for i, label in enumerate(labels)}
+    for ax, (name, curves) in zip(axes, panels.items()):
+        _draw_mean_se(ax, curves, num_points, colors)
+        _decorate(ax, xlabel, ylabel, name, legend=bool(curves))
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, out_png)
+
+
+def _draw_mean_se(ax, curves, num_points: int, colors: Mapping[str, str] | None = None) -> None:
+    for label, runs in curves.items():
+        if not runs:
+            continue
+        grid, mean, se = mean_se(runs, num_points=num_points)
+        color = colors.get(label) if colors else None
+        (line,) = ax.plot(grid, mean, label=f"{label} (n={len(runs)})", color=color)
+        ax.fill_between(grid, mean - se, mean + se, color=line.get_color(), alpha=0.25, linewidth=0)
 
 
 def _decorate(ax, xlabel: str, ylabel: str, title: str | None, legend: bool) -> None:

@@ -148,6 +148,27 @@ def validate(config: TrainConfig) -> None:
     parse_mesh(config.mesh)
 
 
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Parses ``name=value`` strings (e.g. from a repeatable ``--set`` flag) into config overrides.
+
+    Values are read as JSON when they parse (numbers, true/false, null), else kept as strings.
+    Raises ValueError naming the item when it is not ``name=value`` or names no TrainConfig field.
+    """
+    import json
+
+    fields = TrainConfig.__dataclass_fields__
+    overrides: dict[str, Any] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep or name not in fields:
+            raise ValueError(f"--set {item!r}: expected name=value with name one of TrainConfig's fields")
+        try:
+            overrides[name] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[name] = raw
+    return overrides
+
+
 def parse_mesh(spec: str) -> dict[str, int]:
     """Parses "data:8" / "data:2,fsdp:4" into an ordered {axis: size} dict."""
     axes: dict[str, int] = {}
