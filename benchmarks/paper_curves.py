@@ -210,7 +210,8 @@ def collect(spec: GridSpec) -> dict[str, Any]:
                 "per_seed_final_eval": finals, "per_seed_peak": peaks,
             }
         table[env]["sft_start_eval"] = None if sft_eval is None else sft_eval["success_rate"]
-        present = [a for a in ("coso", "entropy", "none") if a in spec.algos and table[env][a]["seeds"]]
+        # A standard error needs two seeds: with fewer, no separation is claimed either way.
+        present = [a for a in ("coso", "entropy", "none") if a in spec.algos and table[env][a]["seeds"] >= 2]
         table[env]["separation_final"] = {
             f"{a} vs {b}": separation(table[env][a]["final_eval"], table[env][b]["final_eval"])
             for i, a in enumerate(present) for b in present[i + 1:]
@@ -234,7 +235,7 @@ def statement(env: str, row: dict[str, Any]) -> str:
         verdict = {">": "yes", "<": "no, reversed outside 1 SE", "~": "not separated (±1 SE overlap)",
                    "?": "no data"}[sep[key]]
         parts.append(f"{claim}: {verdict}")
-    return f"{env}: " + "; ".join(parts) if parts else f"{env}: fewer than two algos finished"
+    return f"{env}: " + "; ".join(parts) if parts else f"{env}: fewer than two algos with >= 2 seeds"
 
 
 def _fmt(ms: tuple[float, float]) -> str:
