@@ -313,8 +313,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="one small shape, no JSON")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--shapes", default="32x64,128x64,32x256,128x256",
-                        help="comma-separated BxL shapes to time (the JSON is written only for "
-                             "the full default set)")
+                        help="comma-separated BxL shapes to time (a subset is written to "
+                             "counterfactual_<platform>_subset.json)")
     args = parser.parse_args()
     try:
         shapes = [tuple(int(v) for v in item.lower().split("x")) for item in args.shapes.split(",")]
@@ -340,9 +340,11 @@ def main():
         few = on_cpu and (length > 64 or batch > 32)
         rows.append(run_shape(model, fn, torch_model, batch, length, repeats=2 if few else 4,
                               naive_repeats=1 if few else 2, torch_repeats=1 if few else 2))
-    if args.quick or not full_set:
+    if args.quick:
         return
     name = "counterfactual_cpu" if on_cpu else f"counterfactual_{device.platform}"
+    if not full_set:
+        name += "_subset"
     write_results(name, {
         "description": "counterfactual effects + weights: (a) coso_jax kernel (pad_invariant), "
                        "(b) naive vmap over all positions at full length, (c) reference loop in "
