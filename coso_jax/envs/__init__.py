@@ -1,9 +1,10 @@
 """Environments with a text interface. Importing this package registers the gymnasium ids
 
-  coso_jax/NumberLine-v0, coso_jax/EZPoints-v0, coso_jax/Points24-v0, coso_jax/Blackjack-v0
+  coso_jax/NumberLine-v0, coso_jax/EZPoints-v0, coso_jax/Points24-v0, coso_jax/Blackjack-v0,
+  coso_jax/ALFWorld-v0 (50-step TimeLimit; needs the `alfworld` package, see envs/alfworld/)
 
-(each with a 300-step TimeLimit, as the reference registers them; the games' own limits bind much
-earlier). `text_interface(name_or_id)` returns the env's `TextInterface`.
+(the gym_cards games each with a 300-step TimeLimit, as the reference registers them; the games'
+own limits bind much earlier). `text_interface(name_or_id)` returns the env's `TextInterface`.
 """
 from __future__ import annotations
 
@@ -30,15 +31,22 @@ _ENTRY_POINTS = {
     "EZPoints": "coso_jax.envs.gym_cards.points:EZPointsEnv",
     "Points24": "coso_jax.envs.gym_cards.points:Points24Env",
     "Blackjack": "coso_jax.envs.gym_cards.blackjack:BlackjackEnv",
+    # needs the `alfworld` package (the `alfworld` / `test` extra); imported only when made
+    "ALFWorld": "coso_jax.envs.alfworld.env:ALFWorldEnv",
 }
 ENV_IDS: dict[str, str] = {name: f"coso_jax/{name}-v0" for name in _ENTRY_POINTS}
 MAX_EPISODE_STEPS = 300
 
 
+# Step limits other than MAX_EPISODE_STEPS (ALFWorld: 50, as RL4VLM; the env also truncates itself).
+_MAX_STEPS = {"ALFWorld": 50}
+
+
 def _register() -> None:
     for name, entry in _ENTRY_POINTS.items():
         if ENV_IDS[name] not in gym.registry:
-            gym.register(id=ENV_IDS[name], entry_point=entry, max_episode_steps=MAX_EPISODE_STEPS)
+            gym.register(id=ENV_IDS[name], entry_point=entry,
+                         max_episode_steps=_MAX_STEPS.get(name, MAX_EPISODE_STEPS))
 
 
 def short_name(name_or_id: str) -> str:
@@ -66,9 +74,14 @@ def text_interface(name_or_id: str, invalid_policy: InvalidActionPolicy | None =
       invalid_policy: what an unparseable answer does; default: a uniformly random legal action
         (the gym_cards reference).
     """
+    name = short_name(name_or_id)
+    if name == "ALFWorld":
+        from coso_jax.envs.alfworld.text import ALFWorldText
+
+        return ALFWorldText(invalid_policy=invalid_policy)
     from coso_jax.envs.gym_cards.text import INTERFACES
 
-    return INTERFACES[short_name(name_or_id)](invalid_policy=invalid_policy)
+    return INTERFACES[name](invalid_policy=invalid_policy)
 
 
 _register()
