@@ -17,7 +17,7 @@ $(STAMP_BASE): pyproject.toml | $(BIN)/python
 	touch $@
 
 $(STAMP_TEST): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[test]'
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP_BASE) $@
 
 demo: $(STAMP_BASE)
