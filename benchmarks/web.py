@@ -9,6 +9,16 @@ are reset (counted separately). Every instance runs for `--seconds` after a warm
 
 Writes benchmarks/results/web_env_cpu.json. Each browser needs about 0.5 GB of memory and most of
 one CPU core: with more instances than cores the aggregate rate stops growing.
+
+  python -m benchmarks.web --digirl [--seeds 0 1 2] [--online-iterations 4] [--budget-min 25]
+
+The device-control comparison: DigiRL off2on (tiny_cpu preset) with algo none, entropy and coso on
+the general suite, seeds interleaved (seed 0 of every algo, then seed 1, ...), all in one process so
+the jitted steps compile once. Each run: the shared behaviour-cloned start (built once, cached in
+--workdir), the offline stage, `--online-iterations` online iterations, then success on the suite's
+first `--eval-episodes` fixed test episodes. Also times one critic update for a separate critic
+encoder vs heads on the shared policy trunk. A run that would start after `--budget-min` is skipped
+and listed as such. Writes benchmarks/results/web_digirl_cpu.json and web_digirl_cpu.png.
 """
 from __future__ import annotations
 
@@ -91,18 +101,159 @@ def run(n: int, task: str, seconds: float) -> dict[str, Any]:
     }
 
 
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], np.float64)
+    if v.size == 0:
+        return float("nan"), float("nan")
+    se = float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else 0.0
+    return float(v.mean()), se
+
+
+def run_digirl(args: argparse.Namespace) -> None:
+    import logging
+
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    from coso_jax.rl import digirl
+
+    start_time = time.perf_counter()
+    budget_s = 60.0 * args.budget_min
+    workdir = os.path.abspath(args.workdir)
+    overrides = dict(online_iterations=args.online_iterations, eval_episodes=args.eval_episodes,
+                     sft_dir=os.path.join(workdir, "sft"), progress=False)
+    runs, skipped, critic = [], [], None
+    probe = digirl.digirl_preset("tiny_cpu", env="web/general", **overrides)
+    start_cached = os.path.exists(os.path.join(probe.sft_dir, "summary.json"))  # built before this run's clock
+    durations: list[float] = []
+    for seed in args.seeds:
+        for algo in args.algos:
+            elapsed = time.perf_counter() - start_time
+            # Skip a run that would likely overrun the budget (the first run also builds the start).
+            expected = float(np.median(durations)) if durations else 0.0
+            if elapsed + expected > budget_s:
+                skipped.append({"algo": algo, "seed": seed, "reason": f"budget ({args.budget_min} min) spent"})
+                print(f"skip {algo} seed {seed}: budget spent", flush=True)
+                continue
+            cfg = digirl.digirl_preset("tiny_cpu", env="web/general", algo=algo, seed=seed, **overrides)
+            run_dir = os.path.join(workdir, f"{algo}_s{seed}_{int(time.time())}")
+            t0 = time.perf_counter()
+            trainer = digirl.DigiRLTrainer(cfg, run_dir)
+            try:
+                setup_s = time.perf_counter() - t0
+                history = trainer.train()
+                train_s = time.perf_counter() - t0 - setup_s
+                result = trainer.evaluate()
+                if critic is None and args.critic_timing:
+                    critic = {trunk: digirl.critic_timing(trainer, trunk) for trunk in ("separate", "shared")}
+                    print(f"critic timing: {critic}", flush=True)
+                start_summary = trainer.start_summary
+            finally:
+                trainer.close()
+            total = time.perf_counter() - t0
+            durations.append(total - setup_s if runs else total)
+            online = [r for r in history if r.get("stage") == "online"]
+            row = {
+                "algo": algo, "seed": seed, "seconds": total, "setup_s": setup_s, "train_s": train_s,
+                "test_success_rate": result["success_rate"], "test_episodes": result["episodes"],
+                "test_per_task": result["per_task"], "test_invalid_action_rate": result["invalid_action_rate"],
+                "online_success_per_iteration": [r.get("iteration_success_rate") for r in online],
+                "online_trajectories_per_iteration": cfg.trajectories_per_iteration,
+                "final_windowed_online_success": online[-1]["success_rate"] if online else None,
+                "online_invalid_action_rate": [r.get("invalid_action_rate") for r in online],
+                "actor_positive_advantage_rate": [r.get("actor/positive_advantage_rate") for r in history],
+            }
+            runs.append(row)
+            print(f"{algo} seed {seed}: test success {result['success_rate']:.3f} ({result['episodes']} episodes), "
+                  f"online {row['online_success_per_iteration']}, {total:.0f} s", flush=True)
+    summary = {}
+    for algo in args.algos:
+        rows = [r for r in runs if r["algo"] == algo]
+        m, se = _mean_se([r["test_success_rate"] for r in rows])
+        om, ose = _mean_se([float(np.mean(r["online_success_per_iteration"])) for r in rows
+                            if r["online_success_per_iteration"]])
+        summary[algo] = {"seeds": [r["seed"] for r in rows], "test_success_mean": m, "test_success_se": se,
+                         "online_success_mean": om, "online_success_se": ose}
+    cfg = digirl.digirl_preset("tiny_cpu", **overrides)
+    payload = {
+        "what": "DigiRL off2on on the MiniWoB++ general suite (tiny LLaVA from scratch, CPU): none vs entropy vs "
+                "coso; test success on the suite's fixed test episodes after training",
+        "config": {k: v for k, v in cfg.to_dict().items() if k not in ("algo", "seed", "sft_dir")},
+        "start": start_summary if runs else None,
+        "start_was_cached": start_cached,
+        "summary": summary,
+        "runs": runs,
+        "skipped": skipped,
+        "critic_timing": critic,
+        "cpu_count": os.cpu_count(),
+        "load_avg_at_end": list(os.getloadavg()),
+        "wall_s": time.perf_counter() - start_time,
+        "note": "2-core CPU shared with other jobs while measured (see load_avg_at_end); a handful of online "
+                "iterations of a tiny from-scratch policy: differences between algos are within noise unless "
+                "the standard errors say otherwise",
+    }
+    write_results(args.name, payload)
+    _plot_digirl(runs, args.algos, cfg.trajectories_per_iteration, os.path.join(os.path.dirname(__file__), "results",
+                                                                                 f"{args.name}.png"))
+
+
+def _plot_digirl(runs: list[dict[str, Any]], algos: list[str], per_iteration: int, out_png: str) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4), dpi=120)
+    ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for i, algo in enumerate(algos):
+        curves = [r["online_success_per_iteration"] for r in runs if r["algo"] == algo and r["online_success_per_iteration"]]
+        if curves:
+            n = min(len(c) for c in curves)
+            ys = np.asarray([c[:n] for c in curves], np.float64)
+            x = per_iteration * np.arange(1, n + 1)
+            mean = ys.mean(0)
+            se = ys.std(0, ddof=1) / np.sqrt(len(ys)) if len(ys) > 1 else np.zeros(n)
+            (line,) = ax1.plot(x, mean, marker="o", label=f"{algo} (n={len(ys)})")
+            ax1.fill_between(x, mean - se, mean + se, color=line.get_color(), alpha=0.2, linewidth=0)
+        m, se = _mean_se([r["test_success_rate"] for r in runs if r["algo"] == algo])
+        ax2.bar(i, m, yerr=se, capsize=4, color=f"C{i}")
+        for r in runs:
+            if r["algo"] == algo:
+                ax2.plot(i, r["test_success_rate"], "k.", alpha=0.6)
+    ax1.set_xlabel("online trajectories")
+    ax1.set_ylabel("success rate of the iteration's rollouts")
+    ax1.set_title("DigiRL on MiniWoB++ general (tiny, CPU)")
+    ax1.grid(True, alpha=0.3)
+    ax1.legend(fontsize="small")
+    ax2.set_xticks(range(len(algos)), algos)
+    ax2.set_ylabel("test success (mean ± SE over seeds)")
+    ax2.set_title("after training: fixed test episodes")
+    ax2.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png)
+    print(f"wrote {out_png}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--instances", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--task", default="click-button")
-    parser.add_argument("--name", default="web_env_cpu")
+    parser.add_argument("--name", default=None, help="results name (default web_env_cpu / web_digirl_cpu)")
+    parser.add_argument("--digirl", action="store_true", help="run the none/entropy/coso DigiRL comparison")
+    parser.add_argument("--algos", nargs="+", default=["none", "entropy", "coso"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--online-iterations", type=int, default=4)
+    parser.add_argument("--eval-episodes", type=int, default=16)
+    parser.add_argument("--budget-min", type=float, default=25.0)
+    parser.add_argument("--critic-timing", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--workdir", default="runs/bench_web_digirl")
     args = parser.parse_args()
     from coso_jax.envs.web import browser_unavailable_reason
 
     reason = browser_unavailable_reason()
     if reason:
         raise SystemExit(f"cannot run the web benchmark: {reason}")
+    if args.digirl:
+        args.name = args.name or "web_digirl_cpu"
+        run_digirl(args)
+        return
+    args.name = args.name or "web_env_cpu"
     rows = []
     for n in args.instances:
         row = run(n, args.task, args.seconds)
