@@ -156,13 +156,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------ report
-def mean_se(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and standard error (std ddof=1 / sqrt(n); 0 for one value) of finite values."""
-    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], np.float64)
-    if x.size == 0:
-        return float("nan"), float("nan")
-    se = float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else 0.0
-    return float(x.mean()), se
+mean_se = metrics_lib.mean_and_se  # (mean, standard error) of finite values
 
 
 def separation(a: tuple[float, float], b: tuple[float, float]) -> str:

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks._common import write_results
+from coso_jax import metrics as metrics_lib
 
 
 def _worker(task: str, seconds: float, seed: int, start_at: float, out: "mp.Queue[dict[str, Any]]") -> None:
@@ -101,14 +102,6 @@ def run(n: int, task: str, seconds: float) -> dict[str, Any]:
     }
 
 
-def _mean_se(values: list[float]) -> tuple[float, float]:
-    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], np.float64)
-    if v.size == 0:
-        return float("nan"), float("nan")
-    se = float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else 0.0
-    return float(v.mean()), se
-
-
 def run_digirl(args: argparse.Namespace) -> None:
     import logging
 
@@ -167,8 +160,8 @@ def run_digirl(args: argparse.Namespace) -> None:
     summary = {}
     for algo in args.algos:
         rows = [r for r in runs if r["algo"] == algo]
-        m, se = _mean_se([r["test_success_rate"] for r in rows])
-        om, ose = _mean_se([float(np.mean(r["online_success_per_iteration"])) for r in rows
+        m, se = metrics_lib.mean_and_se([r["test_success_rate"] for r in rows])
+        om, ose = metrics_lib.mean_and_se([float(np.mean(r["online_success_per_iteration"])) for r in rows
                             if r["online_success_per_iteration"]])
         summary[algo] = {"seeds": [r["seed"] for r in rows], "test_success_mean": m, "test_success_se": se,
                          "online_success_mean": om, "online_success_se": ose}
@@ -210,7 +203,7 @@ def _plot_digirl(runs: list[dict[str, Any]], algos: list[str], per_iteration: in
             se = ys.std(0, ddof=1) / np.sqrt(len(ys)) if len(ys) > 1 else np.zeros(n)
             (line,) = ax1.plot(x, mean, marker="o", label=f"{algo} (n={len(ys)})")
             ax1.fill_between(x, mean - se, mean + se, color=line.get_color(), alpha=0.2, linewidth=0)
-        m, se = _mean_se([r["test_success_rate"] for r in runs if r["algo"] == algo])
+        m, se = metrics_lib.mean_and_se([r["test_success_rate"] for r in runs if r["algo"] == algo])
         ax2.bar(i, m, yerr=se, capsize=4, color=f"C{i}")
         for r in runs:
             if r["algo"] == algo:

@@ -35,6 +35,7 @@ __all__ = [
     "PhaseTimer",
     "ProgressBar",
     "SuccessTracker",
+    "mean_and_se",
     "mean_se",
     "plot_curves",
     "plot_mean_se",
@@ -530,6 +531,18 @@ def plot_curves(
         ax.text(0.5, 0.5, f"no data for {y!r} vs {x!r}", ha="center", va="center", transform=ax.transAxes)
     _decorate(ax, xlabel or x, ylabel or y, title, legend=drawn > 0 and any(runs))
     return _save(fig, out_png)
+
+
+def mean_and_se(values: Iterable[Any]) -> tuple[float, float]:
+    """Mean and standard error (std with ddof=1 / sqrt(n); 0 for one value) of the finite values.
+
+    None and non-finite values are dropped; no value left gives (nan, nan).
+    """
+    x = np.asarray([float(v) for v in values if v is not None and math.isfinite(float(v))], np.float64)
+    if x.size == 0:
+        return float("nan"), float("nan")
+    se = float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else 0.0
+    return float(x.mean()), se
 
 
 def mean_se(
