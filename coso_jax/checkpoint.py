@@ -50,7 +50,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-__all__ = ["CheckpointError", "Checkpointer", "config_fingerprint"]
+__all__ = ["CheckpointError", "Checkpointer", "config_fingerprint", "open_run_checkpointer"]
 
 METADATA_ITEM = "metadata"
 FINGERPRINT_KEY = "config_fingerprint"
@@ -483,3 +483,20 @@ def _short(e: BaseException, limit: int = 400) -> str:
     text = " ".join(str(e).split())
     return text if len(text) <= limit else text[:limit] + "..."
 
+
+def open_run_checkpointer(workdir: str | os.PathLike[str], *, resume: bool, max_to_keep: int | None,
+                          fingerprint: str) -> "Checkpointer":
+    """The checkpointer of a training run in ``workdir/checkpoints``, opened before anything costly.
+
+    The fingerprint makes resuming with other settings a clear error, not a silent mix; without
+    ``resume`` a directory that already holds checkpoints raises FileExistsError, so a finished or
+    interrupted run is never overwritten by accident.
+    """
+    directory = Path(workdir) / "checkpoints"
+    checkpointer = Checkpointer(directory, save_interval_steps=1, max_to_keep=max_to_keep,
+                                fingerprint=fingerprint)
+    if not resume and checkpointer.latest_step() is not None:
+        checkpointer.close()
+        raise FileExistsError(f"{directory} already holds checkpoints; pass --resume to continue that run "
+                              "or choose a new --workdir")
+    return checkpointer

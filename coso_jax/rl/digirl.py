@@ -1085,13 +1085,9 @@ class DigiRLTrainer:
         self.config = config
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.checkpointer = ckpt.Checkpointer(self.workdir / "checkpoints", save_interval_steps=1,
-                                              max_to_keep=config.keep_checkpoints,
-                                              fingerprint=ckpt.config_fingerprint(_resume_fields(config)))
-        if not resume and self.checkpointer.latest_step() is not None:
-            self.checkpointer.close()
-            raise FileExistsError(f"{self.workdir / 'checkpoints'} already holds checkpoints; pass --resume to "
-                                  "continue that run or choose a new --workdir")
+        self.checkpointer = ckpt.open_run_checkpointer(
+            self.workdir, resume=resume, max_to_keep=config.keep_checkpoints,
+            fingerprint=ckpt.config_fingerprint(_resume_fields(config)))
         reason = browser_unavailable_reason()
         if reason:
             self.checkpointer.close()
