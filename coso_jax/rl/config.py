@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 ALGOS = ("none", "entropy", "coso")
 GYM_CARDS_ENVS = ("NumberLine", "EZPoints", "Points24", "Blackjack")
+SUPPORTED_ENVS = GYM_CARDS_ENVS + ("ALFWorld",)
 PRESETS = ("tiny_cpu", "paper")
 
 Algo = Literal["none", "entropy", "coso"]
@@ -36,6 +37,13 @@ class TrainConfig:
     prompt_template: str = "tiny"  # see coso_jax.rl.prompting.TEMPLATES
     brief_prompt: bool = True  # short prompts for tiny models trained from scratch (paper: False)
     classifier_preset: str = "tiny"  # "reference": hidden 128, 4 heads, 3 layers, FFN 512
+    prompt_margin: int = 24  # prompt length P = longest demonstration prompt + this many tokens
+
+    # ALFWorld only (ignored by the gym_cards games): one task type (full name or alias, e.g. "pick")
+    # or None for all six; games per task type in the training pool (pool seeds 0..size-1, cached
+    # under $COSO_ALFWORLD_CACHE, see coso_jax/envs/alfworld/pools.py).
+    alfworld_task_type: str | None = None
+    alfworld_pool_size: int = 100
 
     # Rollout.
     num_envs: int = 16
@@ -105,6 +113,13 @@ class TrainConfig:
     def num_updates(self) -> int:
         return max(self.total_env_steps // self.steps_per_update, 1)
 
+    @property
+    def env_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `gym.make(self.env_id, ...)` (none for the gym_cards games)."""
+        if self.env == "ALFWorld":
+            return {"task_type": self.alfworld_task_type, "pool_size": self.alfworld_pool_size}
+        return {}
+
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
 
@@ -116,8 +131,19 @@ def validate(config: TrainConfig) -> None:
     """Raises ValueError naming the first bad field."""
     if config.algo not in ALGOS:
         raise ValueError(f"algo must be one of {ALGOS}, got {config.algo!r}")
-    if config.env not in GYM_CARDS_ENVS:
-        raise ValueError(f"env must be one of {GYM_CARDS_ENVS}, got {config.env!r}")
+    if config.env not in SUPPORTED_ENVS:
+        raise ValueError(f"env must be one of {SUPPORTED_ENVS}, got {config.env!r}")
+    if config.alfworld_task_type is not None:
+        from coso_jax.envs.alfworld.generator import task_type_name
+
+        try:
+            task_type_name(config.alfworld_task_type)
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"alfworld_task_type: {e}") from None
+    if config.alfworld_pool_size < 1:
+        raise ValueError(f"alfworld_pool_size must be >= 1, got {config.alfworld_pool_size}")
+    if config.prompt_margin < 0:
+        raise ValueError(f"prompt_margin must be >= 0, got {config.prompt_margin}")
     if config.alpha < 0:
         raise ValueError(f"alpha must be >= 0, got {config.alpha}")
     if config.num_envs < 1 or config.steps_per_update % config.num_envs:
@@ -185,6 +211,19 @@ def parse_mesh(spec: str) -> dict[str, int]:
     return axes
 
 
+# Per-env defaults under a preset's own values and above TrainConfig's (explicit overrides win).
+# ALFWorld: lambda 0.2 on thought tokens (RL4VLM's ALFWorld setting, for every algo); prompts list up
+# to ~40 admissible commands and the observation text, which grows off the expert's path (a "look" or
+# a full receptacle), so the prompt gets a wide margin over the demonstrations; the tiny preset's
+# answers (thoughts + command) need 64 new tokens.
+_ENV_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
+    # Points24's answers (cards, formula, thoughts, action) run to 57 tokens with EOS.
+    ("tiny_cpu", "Points24"): dict(max_new_tokens=64),
+    ("tiny_cpu", "ALFWorld"): dict(thought_coef=0.2, max_new_tokens=64, prompt_margin=256),
+    ("paper", "ALFWorld"): dict(thought_coef=0.2, prompt_margin=512),
+}
+
+
 def preset(name: str, **overrides: Any) -> TrainConfig:
     """Returns a named preset with overrides applied.
 
@@ -192,11 +231,18 @@ def preset(name: str, **overrides: Any) -> TrainConfig:
     `paper`: RL4VLM's PPO numbers (gamma 0.9, GAE 0.95, clip 0.1, lambda 0.5, temperature 0.2,
     lr 1e-5 cosine, 512 steps per update (1024 for EZPoints/Points24), 15k env steps); meant for a
     real LLaVA (`hf_dir`) on an accelerator.
+
+    Per-env defaults (explicit overrides win): Points24 (tiny_cpu): `max_new_tokens` 64.
+      ALFWorld: `thought_coef` 0.2 (RL4VLM's lambda for ALFWorld, every algo); `prompt_margin` 256
+      tokens (tiny_cpu) / 512 (paper) over the longest demonstration prompt, since prompts off the
+      expert's path list more commands and longer observations; `max_new_tokens` 64 (tiny_cpu; the
+      paper preset keeps 256). `alfworld_task_type` None trains on all six task types.
     """
+    env = overrides.get("env", TrainConfig.env)
+    env_defaults = _ENV_DEFAULTS.get((name, env), {})
     if name == "tiny_cpu":
-        return TrainConfig(preset=name, **overrides)
+        return TrainConfig(**{"preset": name, **env_defaults, **overrides})
     if name == "paper":
-        env = overrides.get("env", TrainConfig.env)
         steps = 1024 if env in ("EZPoints", "Points24") else 512
         base: dict[str, Any] = dict(
             preset=name,
@@ -231,6 +277,7 @@ def preset(name: str, **overrides: Any) -> TrainConfig:
             causal_replay_capacity=100_000,
             success_window=1000 if env == "Blackjack" else 200,
         )
+        base.update(env_defaults)
         base.update(overrides)
         return TrainConfig(**base)
     raise ValueError(f"unknown preset {name!r}; choose one of {PRESETS}")

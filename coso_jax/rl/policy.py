@@ -96,19 +96,35 @@ def make_encoder(config: TrainConfig, tokenizer: Any, model_config: Any, prompts
         processed = processor(list(observations))
         return processed.pixel_values, processed.image_sizes if processor.is_next else None
 
-    # gym_cards frames are always 300x300, so the image token count is fixed per model.
+    # gym_cards frames and ALFWorld's schematic are always 300x300: one image token count per model.
     num_image_tokens = processor.num_image_tokens(OBSERVATION_SIZE)
     template = config.prompt_template
     probe = PromptEncoder(tokenizer, 1 << 20, num_image_tokens, image_fn, template)
     longest = max(len(probe.token_ids(p)) for p in prompts)
-    # Margin for states the demonstrations did not visit (e.g. longer formulas after mistakes).
-    return PromptEncoder(tokenizer, _round_up(longest + 24, 8), num_image_tokens, image_fn, template)
+    # Margin for states the demonstrations did not visit (e.g. longer formulas after mistakes; ALFWorld:
+    # more admissible commands and longer observations off the expert's path).
+    return PromptEncoder(tokenizer, _round_up(longest + config.prompt_margin, 8), num_image_tokens, image_fn,
+                         template)
+
+
+def prepare_env(config: TrainConfig) -> None:
+    """Work an env needs once before a run. ALFWorld: generate (or find cached) its game pool up
+    front, so demonstrations and rollouts never wait on the planner-checked generator."""
+    if config.env != "ALFWorld":
+        return
+    from coso_jax.envs.alfworld import TASK_TYPES, pools
+
+    types = TASK_TYPES if config.alfworld_task_type is None else (config.alfworld_task_type,)
+    start = time.perf_counter()
+    n = pools.build(["train"], types, config.alfworld_pool_size)
+    log.info("ALFWorld pool: %d games in %s (%.1f s)", n, pools.default_cache_dir(), time.perf_counter() - start)
 
 
 def load_or_build_sft_start(config: TrainConfig, sft_dir: Path) -> SFTStart:
     sft_dir = Path(sft_dir)
+    prepare_env(config)
     demos = sft_lib.collect_demos(config.env, config.sft_episodes, _DEMO_SEED, config.sft_imperfect_frac,
-                                  cot=config.cot, brief=config.brief_prompt)
+                                  cot=config.cot, brief=config.brief_prompt, env_kwargs=config.env_kwargs)
     done = sft_dir / "summary.json"
     if config.hf_dir:
         tokenizer = load_tokenizer(config.hf_dir)

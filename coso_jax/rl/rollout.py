@@ -3,10 +3,16 @@
 Each step: env infos -> prompts (the env's text interface) -> policy inputs (PromptEncoder) ->
 one jitted sampler call for all envs -> decode -> parse -> env.step. Finished episodes reset at
 once (as SB3's DummyVecEnv does in RL4VLM), and their returns feed the success tracker.
+
+Envs whose legal actions change every step (ALFWorld: the admissible commands) take the current
+`info` in `parse` (`parse(text, rng, info=info)`); an episode's success is `info["won"]` where the
+env reports it, else return > 0 (RL4VLM's rule for the gym_cards games).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import inspect
 import pickle
 from typing import Any, Callable
 
@@ -14,6 +20,7 @@ import gymnasium as gym
 import numpy as np
 
 import coso_jax.envs  # noqa: F401  (registers the envs)
+from coso_jax import metrics as metrics_lib
 from coso_jax.envs import text_interface
 from coso_jax.rl.buffer import RolloutBuffer
 from coso_jax.rl.prompting import PromptEncoder
@@ -34,6 +41,43 @@ class StepOutput:
 class EpisodeStats:
     returns: list[float] = dataclasses.field(default_factory=list)
     lengths: list[int] = dataclasses.field(default_factory=list)
+    successes: list[bool] = dataclasses.field(default_factory=list)
+
+
+def episode_success(episode_return: float, final_info: dict) -> bool:
+    """`final_info["won"]` where the env reports it (ALFWorld), else return > 0 (gym_cards)."""
+    return bool(final_info["won"]) if "won" in final_info else episode_return > 0
+
+
+class SuccessTracker(metrics_lib.SuccessTracker):
+    """`metrics.SuccessTracker` with an explicit success flag per episode.
+
+    ALFWorld's shaped rewards (goal progress each step, -1 per inadmissible command) make the
+    return's sign no success signal, so the rollout passes `episode_success` along; without a flag
+    (and for the gym_cards games, whose flag is return > 0) this is the plain tracker.
+    """
+
+    def __init__(self, window: int = 100) -> None:
+        super().__init__(window)
+        self._successes: collections.deque[bool] = collections.deque(maxlen=self.window)
+
+    def add_episode(self, episode_return: float, length: int, success: bool | None = None) -> None:
+        super().add_episode(episode_return, length)
+        self._successes.append(bool(episode_return > 0 if success is None else success))
+
+    @property
+    def success_rate(self) -> float:
+        return float(np.mean(self._successes)) if self._successes else float("nan")
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(super().state_dict(), successes=list(self._successes))
+
+    def load_state_dict(self, state) -> None:
+        super().load_state_dict(state)
+        saved = state.get("successes")
+        if saved is None:  # a checkpoint from before success flags: return > 0, as it was then
+            saved = [r > 0 for r, _ in state["episodes"]]
+        self._successes = collections.deque((bool(x) for x in saved), maxlen=self.window)
 
 
 class VectorRollout:
@@ -53,16 +97,19 @@ class VectorRollout:
         seed: int,
         cot: bool = True,
         brief: bool = False,
+        env_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.env_name = env_name
         self.env_id = f"coso_jax/{env_name}-v0"
         self.iface = text_interface(env_name)
+        # ALFWorld's parser needs the state's admissible commands; the gym_cards parsers take no info.
+        self._parse_takes_info = "info" in inspect.signature(self.iface.parse).parameters
         self.num_envs = num_envs
         self.encoder = encoder
         self.tokenizer = tokenizer
         self.cot = cot
         self.brief = brief
-        self.envs = [gym.make(self.env_id) for _ in range(num_envs)]
+        self.envs = [gym.make(self.env_id, **(env_kwargs or {})) for _ in range(num_envs)]
         self.parse_rng = np.random.default_rng(seed + 7919)
         self.obs: list[np.ndarray] = []
         self.infos: list[dict] = []
@@ -112,7 +159,10 @@ class VectorRollout:
             valid = np.zeros(self.num_envs, np.bool_)
             labels = np.full(self.num_envs, -1, np.int32)
             for e, env in enumerate(self.envs):
-                parsed = self.iface.parse(texts[e], self.parse_rng)
+                if self._parse_takes_info:
+                    parsed = self.iface.parse(texts[e], self.parse_rng, info=self.infos[e])
+                else:
+                    parsed = self.iface.parse(texts[e], self.parse_rng)
                 valid[e] = parsed.valid
                 if parsed.label is not None:
                     labels[e] = parsed.label
@@ -125,6 +175,7 @@ class VectorRollout:
                     dones[e] = True
                     stats.returns.append(float(self.episode_return[e]))
                     stats.lengths.append(int(self.episode_length[e]))
+                    stats.successes.append(episode_success(float(self.episode_return[e]), info))
                     self.episode_return[e] = 0.0
                     self.episode_length[e] = 0
                     obs, info = env.reset()
@@ -158,12 +209,16 @@ class VectorRollout:
     def state_bytes(self) -> bytes:
         """Everything needed to continue the running episodes exactly, except the observations.
 
-        That is each env's own state (positions, hands, formulas, its `np_random`), its TimeLimit
-        counter, the infos, the episode accumulators and the parser's RNG.
+        That is each env's own state (positions, hands, formulas, its `np_random`; an env with
+        `snapshot`/`restore_snapshot`, such as ALFWorld's, gives its own), its TimeLimit counter,
+        the infos, the episode accumulators and the parser's RNG.
         """
         envs = []
         for env in self.envs:
-            attrs = {k: v for k, v in vars(env.unwrapped).items() if k not in self._STATIC_ENV_ATTRS}
+            if hasattr(env.unwrapped, "snapshot"):
+                attrs = env.unwrapped.snapshot()
+            else:
+                attrs = {k: v for k, v in vars(env.unwrapped).items() if k not in self._STATIC_ENV_ATTRS}
             envs.append((attrs, _time_limit_state(env)))
         return pickle.dumps({
             "envs": envs,
@@ -182,7 +237,10 @@ class VectorRollout:
         if len(state["envs"]) != self.num_envs or len(observations) != self.num_envs:
             raise ValueError(f"checkpoint has {len(state['envs'])} envs, this run has {self.num_envs}")
         for env, (attrs, elapsed) in zip(self.envs, state["envs"]):
-            vars(env.unwrapped).update(attrs)
+            if hasattr(env.unwrapped, "snapshot"):
+                env.unwrapped.restore_snapshot(attrs)
+            else:
+                vars(env.unwrapped).update(attrs)
             _set_time_limit_state(env, elapsed)
         self.obs = [np.asarray(o) for o in observations]
         self.infos = state["infos"]

@@ -1,8 +1,9 @@
 """Supervised warm start on oracle demonstrations (the paper's backbones start from an SFT model).
 
-The demonstrations come from `coso_jax.envs.gym_cards.demos` as (seed, step, prompt, answer,
-action) records; the observation image of each record is recovered by replaying the episode from
-its seed, so the demo files stay small and the images are exactly what the env renders.
+The demonstrations come from `coso_jax.envs.gym_cards.demos` (ALFWorld: `coso_jax.envs.alfworld.demos`,
+the planner's walkthroughs) as (seed, step, prompt, answer, action) records; the observation image of
+each record is recovered by replaying the episode from its seed (ALFWorld: its pool game), so the
+demo files stay small and the images are exactly what the env renders.
 """
 from __future__ import annotations
 
@@ -37,28 +38,46 @@ class DemoSet:
 
 
 def collect_demos(env_name: str, episodes: int, seed: int, imperfect_frac: float, cot: bool = True,
-                  brief: bool = False) -> DemoSet:
-    """Generates demonstrations and replays each episode to recover its observations."""
+                  brief: bool = False, env_kwargs: dict[str, Any] | None = None) -> DemoSet:
+    """Generates demonstrations and replays each episode to recover its observations.
+
+    `env_kwargs` are the env's `gym.make` arguments (ALFWorld: `task_type`, `pool_size`; the demos
+    play games of that pool).
+    """
     iface = text_interface(env_name)
-    records = list(gym_cards_demos.generate(env_name, episodes, seed, imperfect_frac, cot=cot))
-    env = gym.make(f"coso_jax/{env_name}-v0")
+    env_kwargs = dict(env_kwargs or {})
+    alfworld = env_name == "ALFWorld"
+    if alfworld:
+        from coso_jax.envs.alfworld import demos as alfworld_demos
+
+        task_type = env_kwargs.get("task_type")
+        records = list(alfworld_demos.generate(
+            episodes, seed, task_types=None if task_type is None else [task_type],
+            pool_size=env_kwargs.get("pool_size", 100), imperfect_frac=imperfect_frac, cot=cot))
+    else:
+        records = list(gym_cards_demos.generate(env_name, episodes, seed, imperfect_frac, cot=cot))
+    env = gym.make(f"coso_jax/{env_name}-v0", **env_kwargs)
     observations, prompts, answers, labels = [], [], [], []
     obs = info = None
     rng = np.random.default_rng(0)
     for rec in records:
         if rec["step"] == 0:
-            obs, info = env.reset(seed=int(rec["seed"]))
+            if alfworld:
+                obs, info = env.reset(options={"task_type": rec["task_type"], "index": rec["index"]})
+            else:
+                obs, info = env.reset(seed=int(rec["seed"]))
         if iface.prompt(info, cot=cot) != rec["prompt"]:
             raise RuntimeError(
                 f"demo replay diverged at seed {rec['seed']} step {rec['step']}: the demo's prompt does "
                 "not match the replayed env's prompt"
             )
-        parsed = iface.parse(rec["answer"], rng)
+        parsed = iface.parse(rec["answer"], rng, info=info) if alfworld else iface.parse(rec["answer"], rng)
         observations.append(obs)
         prompts.append(iface.prompt(info, cot=cot, brief=brief))
         answers.append(rec["answer"])
         labels.append(parsed.label if parsed.valid and parsed.label is not None else -1)
-        obs, _, terminated, truncated, info = env.step(int(rec["action"]))
+        # ALFWorld's actions are command strings; the gym_cards games' are action indices.
+        obs, _, terminated, truncated, info = env.step(rec["action"] if alfworld else int(rec["action"]))
     env.close()
     return DemoSet(np.stack(observations), prompts, answers, np.asarray(labels, np.int32))
 

@@ -35,7 +35,7 @@ from coso_jax.rl import sft as sft_lib
 from coso_jax.rl.buffer import ActionReplay, RolloutBuffer
 from coso_jax.rl.config import TrainConfig
 from coso_jax.rl.ppo import BATCH_FIELDS, PPOHyper, make_optimizer, make_update_fn
-from coso_jax.rl.rollout import StepOutput, VectorRollout
+from coso_jax.rl.rollout import StepOutput, SuccessTracker, VectorRollout
 from coso_jax.rl.train_state import (
     ActorCritic,
     batch_shardings,
@@ -56,10 +56,17 @@ _SFT_FIELDS = (
     "sft_episodes", "sft_imperfect_frac", "sft_epochs", "sft_lr", "sft_batch_size",
     "causal_pretrain_steps", "causal_lr", "causal_minibatch",
 )
+# ALFWorld's too (its demonstrations play games of this task type and pool); only for ALFWorld, so
+# the gym_cards fingerprints are those of the runs made before these fields existed.
+_ALFWORLD_SFT_FIELDS = ("alfworld_task_type", "alfworld_pool_size")
+# Fields added after runs existed: left out of the resume fingerprint at their default value, so those
+# runs still resume.
+_LATER_FIELDS = ("prompt_margin", "alfworld_task_type", "alfworld_pool_size")
 
 
 def sft_fingerprint(config: TrainConfig) -> str:
-    return ckpt.config_fingerprint({k: getattr(config, k) for k in _SFT_FIELDS})
+    fields = _SFT_FIELDS + (_ALFWORLD_SFT_FIELDS if config.env == "ALFWorld" else ())
+    return ckpt.config_fingerprint({k: getattr(config, k) for k in fields})
 
 
 def default_sft_dir(config: TrainConfig, workdir: str | Path) -> Path:
@@ -109,15 +116,9 @@ class Trainer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         # Checked first, before envs and models exist: the fingerprint makes resuming with different
         # settings a clear error, not a silent mix, and a finished run is never overwritten.
-        self.checkpointer = ckpt.Checkpointer(self.workdir / "checkpoints", save_interval_steps=1,
-                                              max_to_keep=config.keep_checkpoints,
-                                              fingerprint=ckpt.config_fingerprint(_resume_fields(config)))
-        if not resume and self.checkpointer.latest_step() is not None:
-            self.checkpointer.close()
-            raise FileExistsError(
-                f"{self.workdir / 'checkpoints'} already holds checkpoints; pass --resume to continue "
-                "that run or choose a new --workdir"
-            )
+        self.checkpointer = ckpt.open_run_checkpointer(
+            self.workdir, resume=resume, max_to_keep=config.keep_checkpoints,
+            fingerprint=ckpt.config_fingerprint(_resume_fields(config)))
         self.mesh = make_mesh(config.mesh)
         check_batch_divisible(self.mesh, config.minibatch_size // config.grad_accum_steps, "micro-batch size")
         self.sft_dir = Path(config.sft_dir) if config.sft_dir else default_sft_dir(config, self.workdir)
@@ -164,14 +165,15 @@ class Trainer:
 
         # --- envs, buffers -----------------------------------------------------------------------
         self.rollout = VectorRollout(config.env, config.num_envs, self.encoder, self.tokenizer,
-                                     seed=config.seed, cot=config.cot, brief=config.brief_prompt)
+                                     seed=config.seed, cot=config.cot, brief=config.brief_prompt,
+                                     env_kwargs=config.env_kwargs)
         probe = self.rollout.current_inputs()
         self.buffer = RolloutBuffer(config.steps_per_env, config.num_envs, self.encoder.prompt_len,
                                     config.max_new_tokens, probe["pixel_values"].shape[1:],
                                     probe["pixel_values"].dtype)
         self.replay = ActionReplay(config.causal_replay_capacity, config.max_new_tokens, seed=config.seed)
         self.replay.add(start.demo_tokens, start.demo_mask, start.demo_labels, start.demo_labels >= 0)
-        self.tracker = metrics_lib.SuccessTracker(config.success_window)
+        self.tracker = SuccessTracker(config.success_window)
 
         self._build_jitted()
         if resume and self.checkpointer.latest_step() is not None:
@@ -269,8 +271,8 @@ class Trainer:
         with self.timer.phase("rollout"):
             stats = self.rollout.collect(self.buffer, self.policy_fn)
             bootstrap = np.asarray(self._value(self.params, self.rollout.current_inputs()))
-        for episode_return, length in zip(stats.returns, stats.lengths):
-            self.tracker.add_episode(episode_return, length)
+        for episode_return, length, success in zip(stats.returns, stats.lengths, stats.successes):
+            self.tracker.add_episode(episode_return, length, success)
         arrays = self.buffer.arrays
         advantages, returns = losses.gae(
             jnp.asarray(arrays["rewards"]), jnp.asarray(arrays["old_values"]), jnp.asarray(arrays["dones"]),
@@ -306,7 +308,7 @@ class Trainer:
         record.update({f"ppo/{k}": float(v) for k, v in update_metrics.items()})
         record.update(self.tracker.summary())
         record["success_rate"] = self.tracker.success_rate
-        record["iteration_success_rate"] = float(np.mean(np.asarray(stats.returns) > 0)) if stats.returns else float("nan")
+        record["iteration_success_rate"] = float(np.mean(stats.successes)) if stats.successes else float("nan")
         record["episodes"] = len(stats.returns)
         record["invalid_action_rate"] = float(1.0 - flat["valid"].mean())
         record["response_tokens"] = float(flat["response_mask"].sum(axis=1).mean())
@@ -323,7 +325,7 @@ class Trainer:
         """
         config = self.config
         evaluator = VectorRollout(config.env, config.num_envs, self.encoder, self.tokenizer, seed=seed,
-                                  cot=config.cot, brief=config.brief_prompt)
+                                  cot=config.cot, brief=config.brief_prompt, env_kwargs=config.env_kwargs)
         steps = max(num_steps // config.num_envs, 1)
         scratch = RolloutBuffer(steps, config.num_envs, self.encoder.prompt_len, config.max_new_tokens,
                                 self.buffer.pixel_shape, self.buffer.pixel_dtype)
@@ -338,7 +340,7 @@ class Trainer:
         flat_valid = scratch.flat()["valid"]
         return {
             "episodes": int(returns.size),
-            "success_rate": float(np.mean(returns > 0)) if returns.size else float("nan"),
+            "success_rate": float(np.mean(stats.successes)) if returns.size else float("nan"),
             "mean_return": float(returns.mean()) if returns.size else float("nan"),
             "invalid_action_rate": float(1.0 - flat_valid.mean()),
         }
@@ -437,4 +439,6 @@ class Trainer:
 def _resume_fields(config: TrainConfig) -> dict[str, Any]:
     """Config fields a resumed run must share with the checkpoint (not bookkeeping ones)."""
     ignore = {"progress", "checkpoint_every", "keep_checkpoints", "heatmap_every", "total_env_steps"}
+    defaults = TrainConfig.__dataclass_fields__
+    ignore |= {k for k in _LATER_FIELDS if getattr(config, k) == defaults[k].default}
     return {k: v for k, v in config.to_dict().items() if k not in ignore}

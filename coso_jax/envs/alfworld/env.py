@@ -15,6 +15,10 @@ terminates when won and is truncated after `max_steps` (50, as RL4VLM) steps.
 
 Options of `reset(options=...)`: "task_type" (full name or alias), "split", "index" (the game's
 seed in the pool), or "game" (a `Game` to play).
+
+`snapshot()` / `restore_snapshot(state)`: a picklable snapshot of the running episode (the game, the
+commands played since reset, the counters, the RNG) and its exact restoration by replaying those
+commands (the engine itself holds a C planner and cannot be pickled); the trainer's checkpoints use it.
 """
 from __future__ import annotations
 
@@ -77,6 +81,7 @@ class ALFWorldEnv(gym.Env):
         self.steps_made = 0
         self.progress = 0.0
         self._openable: set[str] = set()
+        self._history: list[str] = []  # admissible commands played since the last reset
         self._image: np.ndarray | None = None
         self._images: dict = {}
 
@@ -135,6 +140,7 @@ class ALFWorldEnv(gym.Env):
         c = data.constants()
         self._openable = {r for r, t in game.receptacles.items() if t in c.OPENABLE_CLASS_SET}
         self.steps_made = 0
+        self._history = []
         self.progress = engine.progress(game, self.engine.facts)
         self._image = self._draw()
         return self._image.copy(), self._info()
@@ -154,6 +160,7 @@ class ALFWorldEnv(gym.Env):
         before = self.progress
         if admissible:
             e.step(command)
+            self._history.append(command)
             self.progress = engine.progress(self.game, e.facts)
             self._image = self._draw()
         else:
@@ -164,6 +171,31 @@ class ALFWorldEnv(gym.Env):
         terminated = bool(e.won)
         truncated = not terminated and self.steps_made >= self.max_steps
         return self._image.copy(), float(reward), terminated, truncated, self._info(admissible)
+
+    def snapshot(self) -> dict[str, Any]:
+        """A picklable snapshot of the running episode (see the module docstring)."""
+        if self.game is None:
+            raise RuntimeError("call reset() first")
+        return {
+            "game": self.game.to_dict(),
+            "history": list(self._history),
+            "steps_made": self.steps_made,
+            "feedback": self.engine.feedback,
+            "np_random": self.np_random.bit_generator.state,
+        }
+
+    def restore_snapshot(self, state: dict[str, Any]) -> None:
+        """Restores a `snapshot()`: loads its game and replays its commands."""
+        game = Game.from_dict(state["game"])
+        self.reset(options={"game": game})
+        for command in state["history"]:
+            self.engine.step(command)
+            self._history.append(command)
+        self.progress = engine.progress(game, self.engine.facts)
+        self.engine.feedback = state["feedback"]  # the last answer ("Nothing happens." after an inadmissible one)
+        self.steps_made = int(state["steps_made"])
+        self.np_random.bit_generator.state = state["np_random"]
+        self._image = self._draw()
 
     def render(self):
         return None if self._image is None else self._image.copy()
