@@ -23,14 +23,14 @@ import json
 
 from absl import app, flags, logging
 
-from coso_jax.rl.config import ALGOS, GYM_CARDS_ENVS, PRESETS, parse_mesh, preset
+from coso_jax.rl.config import ALGOS, PRESETS, SUPPORTED_ENVS, parse_mesh, preset
 
 WEB_ENVS = ("web/general", "web/shopping")  # coso_jax.rl.digirl.WEB_ENVS (not imported: it pulls in jax)
 BACKBONES = ("ppo", "digirl")
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("env", "NumberLine", list(GYM_CARDS_ENVS) + list(WEB_ENVS),
-                  "gym_cards game (--backbone=ppo) or web task suite (--backbone=digirl).")
+flags.DEFINE_enum("env", "NumberLine", list(SUPPORTED_ENVS) + list(WEB_ENVS),
+                  "gym_cards game or ALFWorld (--backbone=ppo), or web task suite (--backbone=digirl).")
 flags.DEFINE_enum("backbone", "ppo", list(BACKBONES),
                   "ppo: RL4VLM PPO (gym_cards); digirl: DigiRL filtered PG + critics, off2on (web suites).")
 flags.DEFINE_enum("algo", "coso", list(ALGOS),
@@ -68,10 +68,10 @@ def _combo_ok(values) -> bool:
     env, backbone = values["env"], values["backbone"]
     if backbone == "ppo" and env in WEB_ENVS:
         raise flags.ValidationError(f"--env={env} needs --backbone=digirl (the PPO backbone trains on the "
-                                    f"gym_cards games {', '.join(GYM_CARDS_ENVS)})")
+                                    f"envs {', '.join(SUPPORTED_ENVS)})")
     if backbone == "digirl" and env not in WEB_ENVS:
         raise flags.ValidationError(f"--backbone=digirl trains on the web suites {', '.join(WEB_ENVS)}, "
-                                    f"not --env={env} (use --backbone=ppo for gym_cards)")
+                                    f"not --env={env} (use --backbone=ppo for {', '.join(SUPPORTED_ENVS)})")
     if backbone == "digirl":
         for name in ("total_env_steps", "steps_per_update"):
             if values[name] is not None:
