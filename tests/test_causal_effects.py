@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from coso_jax.causal import (bucket_length, causal_weights, counterfactual_effects,
-                             trace_count)
+                             bucket_lengths, precompile, trace_count)
 
 VOCAB, NUM_LABELS, UNK, PAD = 23, 3, 1, 0
 SKIP_IDS = (0, 2, 5, 6)  # pad, a "special" and two "punctuation" ids
@@ -142,6 +142,23 @@ def test_new_batch_of_same_shape_does_not_recompile():
         counterfactual_effects(fresh_model, tokens, mask, labels, skip_mask=skip_vocab,
                                window=seed - 4, mask_token_id=UNK + seed % 2, chunk_size=32)
     assert trace_count() == before, "a new batch of the same shape recompiled the kernel"
+
+
+def test_precompile_covers_every_bucket_of_pad_invariant_batches():
+    def fresh_model(tokens, mask):  # a new function object: nothing compiled for it yet
+        return MASKED_MODEL(tokens, mask)
+
+    compiled = precompile(fresh_model, 40)
+    assert compiled == len(bucket_lengths(40)) == len({bucket_length(n, 40) for n in range(1, 41)})
+    before = trace_count()
+    rng = np.random.default_rng(11)
+    for seed in range(12, 18):  # rows of random lengths touch random subsets of the buckets
+        tokens, mask, labels, skip_vocab = make_batch(6, 40, seed=seed)
+        mask &= np.arange(40)[None] < rng.integers(1, 41, (6, 1))
+        counterfactual_effects(fresh_model, tokens, mask, labels, mask_token_id=UNK,
+                               skip_mask=skip_vocab, pad_invariant=True)
+    assert trace_count() == before, "a batch met a bucket precompile did not compile"
+    assert precompile(fresh_model, 40) == 0  # a second call only hits the cache
 
 
 def test_bucket_lengths():

@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["counterfactual_effects", "causal_weights", "bucket_length", "trace_count"]
+__all__ = ["counterfactual_effects", "causal_weights", "bucket_length", "bucket_lengths", "precompile",
+           "trace_count"]
 
 # Tokens per forward when chunk_size is None: big enough for efficient matmuls on a CPU,
 # small enough that a chunk's activations stay in the tens of MB for the reference classifier.
@@ -56,6 +57,36 @@ def bucket_length(length: int, full_length: int) -> int:
     length = max(int(length), 1)
     step = max(8, (1 << (length.bit_length() - 1)) // 4)
     return min(-(-length // step) * step, int(full_length))
+
+
+def bucket_lengths(full_length: int) -> list[int]:
+    """Every bucket length a row of a batch padded to ``full_length`` can be scored at."""
+    return sorted({bucket_length(n, full_length) for n in range(1, int(full_length) + 1)})
+
+
+def _chunk_for(bucket: int, chunk_size: int | None) -> int:
+    return chunk_size or max(_MIN_AUTO_CHUNK, _AUTO_TOKENS_PER_CHUNK // int(bucket))
+
+
+def precompile(logits_fn: Callable, full_length: int, *, chunk_size: int | None = None,
+               pad_invariant: bool = True) -> int:
+    """Compiles the chunk scorer for every shape batches padded to ``full_length`` can need.
+
+    With ``pad_invariant`` rows are scored at any bucket length up to ``full_length``, and which
+    buckets a batch touches depends on its row lengths, so a new batch can meet a bucket no earlier
+    batch did and compile it then. Calling this once up front (e.g. when a trainer starts) moves
+    all of those compiles to one place (shapes compiled before are a cache hit: one dummy forward
+    each). Returns the number of shapes compiled now.
+    """
+    fn_arrays, fn_static = _split_callable(logits_fn)
+    lengths = bucket_lengths(full_length) if pad_invariant else [int(full_length)]
+    before = trace_count()
+    for bucket in lengths:
+        chunk = _chunk_for(bucket, chunk_size)
+        zeros = np.zeros((chunk, bucket), np.int32)
+        _score_chunk(fn_arrays, zeros, np.ones_like(zeros), np.zeros(chunk, np.int32),
+                     np.full(chunk, -1, np.int32), np.int32(1), np.int32(0), fn_static=fn_static)
+    return trace_count() - before
 
 
 def _split_callable(fn: Callable) -> tuple[list, tuple]:
@@ -202,7 +233,7 @@ def counterfactual_effects(
         rows = np.concatenate([carry_rows, bucket_rows, bucket_rows[item_rows]])
         starts = np.concatenate([carry_starts, np.full(bucket_rows.size, -1, np.int32),
                                  item_starts.astype(np.int32)])
-        chunk = chunk_size or max(_MIN_AUTO_CHUNK, _AUTO_TOKENS_PER_CHUNK // int(bucket))
+        chunk = _chunk_for(bucket, chunk_size)
         num_items = rows.size
         if bucket_index + 1 < len(buckets):
             # A partial last chunk is not padded: its items move on to the next (longer) bucket,

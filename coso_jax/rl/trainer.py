@@ -29,6 +29,7 @@ from coso_jax import checkpoint as ckpt
 from coso_jax import losses, metrics as metrics_lib, sampling
 from coso_jax.causal import classifier as clf
 from coso_jax.causal import counterfactual_effects, causal_weights, skip_token_mask
+from coso_jax.causal import precompile as causal_precompile
 from coso_jax.causal.render import render_token_heatmap
 from coso_jax.rl import policy as policy_lib
 from coso_jax.rl import sft as sft_lib
@@ -133,6 +134,10 @@ class Trainer:
         self.sft_summary = start.summary
         self.skip_vocab = skip_token_mask(self.tokenizer, vocab_size=self.classifier.config.vocab_size)
         self.mask_token_id = int(self.tokenizer.unk_token_id)
+        if config.algo == "coso":
+            # Every response-length bucket now, so no later iteration stops to compile one.
+            causal_precompile(clf.logits_fn(self.classifier), config.max_new_tokens,
+                              chunk_size=config.causal_chunk_size)
 
         # --- optimisation state ----------------------------------------------------------------
         self.hp = PPOHyper(
