@@ -265,17 +265,36 @@ def markdown(spec: GridSpec, table: dict[str, Any], meta: dict[str, Any]) -> str
     return "\n".join(lines) + "\n"
 
 
-def report(spec: GridSpec, out_dir: Path, tag: str, timings: dict[str, Any] | None) -> dict[str, Any]:
+def web_panel(path: Path) -> tuple[dict[str, list], dict[str, Any]] | None:
+    """The device-control panel from `python -m benchmarks.web --digirl`'s JSON, if it exists:
+    online success per iteration vs online trajectories, per algo over seeds, and its test summary."""
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    curves: dict[str, list] = {}
+    for run in data.get("runs", []):
+        ys = np.asarray(run["online_success_per_iteration"], np.float64)
+        xs = run["online_trajectories_per_iteration"] * np.arange(1, ys.size + 1, dtype=np.float64)
+        curves.setdefault(run["algo"], []).append((xs, ys))
+    return curves, data.get("summary", {})
+
+
+def report(spec: GridSpec, out_dir: Path, tag: str, timings: dict[str, Any] | None,
+           web_results: Path | None = None) -> dict[str, Any]:
     collected = collect(spec)
     table, curves = collected["table"], collected["curves"]
     panels = {env: {algo: runs for algo, runs in per_algo.items() if runs}
               for env, per_algo in curves.items() if any(per_algo.values())}
+    web = web_panel(web_results) if web_results is not None else None
+    if web is not None and panels:
+        # x of this panel: online trajectories (DigiRL counts trajectories, not env steps).
+        panels["web/general, DigiRL (x: online trajectories)"] = web[0]
     out_dir.mkdir(parents=True, exist_ok=True)
     png = out_dir / f"paper_curves_{tag}.png"
     if panels:
         metrics_lib.plot_mean_se_panels(
             panels, png, ncols=2 if len(panels) > 1 else 1,
-            title=f"gym_cards, {spec.preset} preset: success (mean ± SE over seeds)")
+            title=f"{spec.preset} preset: success (mean ± SE over seeds)")
     timings = timings or {}
     wall = timings.get("grid_wall_s_this_invocation")
     run_walls = sum(_read_result(spec.run_dir(e, a, s)) is not None and
@@ -285,6 +304,12 @@ def report(spec: GridSpec, out_dir: Path, tag: str, timings: dict[str, Any] | No
             "wall_time": (f"{run_walls / 60:.1f} min summed over runs"
                           + ("" if wall is None else f"; this invocation {wall / 60:.1f} min"))}
     md = markdown(spec, table, meta)
+    if web is not None:
+        md += ("\n## Device control: web/general, DigiRL backbone (benchmarks/results/web_digirl_cpu.json)\n\n"
+               "| algo | seeds | test success | online success |\n|---|---|---|---|\n")
+        for algo, row in web[1].items():
+            md += (f"| {algo} | {len(row['seeds'])} | {_fmt((row['test_success_mean'], row['test_success_se']))} | "
+                   f"{_fmt((row['online_success_mean'], row['online_success_se']))} |\n")
     (out_dir / f"paper_curves_{tag}.md").write_text(md)
     payload = {
         "description": "gym_cards CoSo vs entropy vs none over seeds (benchmarks/paper_curves.py)",
@@ -301,6 +326,7 @@ def report(spec: GridSpec, out_dir: Path, tag: str, timings: dict[str, Any] | No
         "timings": timings,
         "summed_run_wall_s": run_walls,
         "figure": png.name,
+        "device_control": None if web is None else {"source": str(web_results), "summary": web[1]},
     }
     write_results(f"paper_curves_{tag}", payload, out_dir=out_dir)
     print(md)
@@ -323,6 +349,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[GridSpec, argparse.Na
     parser.add_argument("--smoke", action="store_true", help="1 seed, 2 tiny iterations per run")
     parser.add_argument("--report_only", action="store_true", help="only re-draw figure and tables")
     parser.add_argument("--no_progress", action="store_true")
+    parser.add_argument("--web_results", default=str(RESULTS_DIR / "web_digirl_cpu.json"),
+                        help="benchmarks.web --digirl JSON drawn as the device-control panel if it exists "
+                             "('' for none)")
     args = parser.parse_args(argv)
 
     def split(text, allowed, what):
@@ -367,7 +396,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import jax
 
     tag = args.tag or ("smoke" if args.smoke else ("cpu" if jax.devices()[0].platform == "cpu" else "gpu"))
-    return report(spec, Path(args.out), tag, timings)
+    return report(spec, Path(args.out), tag, timings,
+                  web_results=Path(args.web_results) if args.web_results and not args.smoke else None)
 
 
 if __name__ == "__main__":
