@@ -940,6 +940,17 @@ def _steps(policy_gd, critic_gd, tx_actor, tx_critic, image_token_id: int, sampl
     inference, actor update."""
     sample_kw = dict(sample_kw)
 
+    def _critic_epochs(loss_fn, critic_params, critic_opt, batches):
+        """One Adam step of `loss_fn(params, batch) -> (loss, accuracy)` per leading slice of batches."""
+        def epoch(carry, b):
+            cp, opt = carry
+            (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(cp, b)
+            updates, opt = tx_critic.update(grads, opt, cp)
+            return (optax.apply_updates(cp, updates), opt), (loss, acc)
+
+        (critic_params, critic_opt), (loss, acc) = jax.lax.scan(epoch, (critic_params, critic_opt), batches)
+        return critic_params, critic_opt, {"loss": loss.mean(), "accuracy": acc.mean()}
+
     def sample(params, prompt_ids, prompt_mask, images, key):
         policy = nnx.merge(policy_gd, params)
         return sampling.sample_fn(policy, None, prompt_ids, prompt_mask, key,
@@ -958,14 +969,7 @@ def _steps(policy_gd, critic_gd, tx_actor, tx_critic, image_token_id: int, sampl
             acc = jnp.mean(((success_prob(ls).min(-1) > 0.5) == target).astype(jnp.float32))
             return double_critic_loss(ls, ln, target), acc
 
-        def epoch(carry, b):
-            cp, opt = carry
-            (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(cp, b)
-            updates, opt = tx_critic.update(grads, opt, cp)
-            return (optax.apply_updates(cp, updates), opt), (loss, acc)
-
-        (critic_params, critic_opt), (loss, acc) = jax.lax.scan(epoch, (critic_params, critic_opt), batches)
-        return critic_params, critic_opt, {"loss": loss.mean(), "accuracy": acc.mean()}
+        return _critic_epochs(loss_fn, critic_params, critic_opt, batches)
 
     def trajectory_update(critic_params, critic_opt, policy_params, batches):
         policy = nnx.merge(policy_gd, policy_params)
@@ -978,14 +982,7 @@ def _steps(policy_gd, critic_gd, tx_actor, tx_critic, image_token_id: int, sampl
             acc = jnp.mean(((success_prob(logits) > 0.5) == target).astype(jnp.float32))
             return losses.binary_critic_loss(logits, target), acc
 
-        def epoch(carry, b):
-            cp, opt = carry
-            (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(cp, b)
-            updates, opt = tx_critic.update(grads, opt, cp)
-            return (optax.apply_updates(cp, updates), opt), (loss, acc)
-
-        (critic_params, critic_opt), (loss, acc) = jax.lax.scan(epoch, (critic_params, critic_opt), batches)
-        return critic_params, critic_opt, {"loss": loss.mean(), "accuracy": acc.mean()}
+        return _critic_epochs(loss_fn, critic_params, critic_opt, batches)
 
     def critic_values(critic_params, policy_params, b):
         """(advantages [B], trajectory-critic P(success) [B]) of a batch of transitions."""
