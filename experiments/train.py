@@ -23,7 +23,7 @@ import json
 
 from absl import app, flags, logging
 
-from coso_jax.rl.config import ALGOS, PRESETS, SUPPORTED_ENVS, parse_mesh, preset
+from coso_jax.rl.config import ALGOS, PRESETS, SUPPORTED_ENVS, parse_mesh, parse_overrides, preset
 
 WEB_ENVS = ("web/general", "web/shopping")  # coso_jax.rl.digirl.WEB_ENVS (not imported: it pulls in jax)
 BACKBONES = ("ppo", "digirl")
@@ -86,17 +86,10 @@ flags.register_multi_flags_validator(["env", "backbone", "total_env_steps", "ste
 
 
 def _parse_sets(fields) -> dict:
-    overrides = {}
-    for item in FLAGS.set:
-        name, sep, raw = item.partition("=")
-        if not sep or name not in fields:
-            raise app.UsageError(f"--set {item!r}: expected name=value with name one of the config's fields "
-                                 f"({', '.join(sorted(fields))})")
-        try:
-            overrides[name] = json.loads(raw)
-        except json.JSONDecodeError:
-            overrides[name] = raw
-    return overrides
+    try:
+        return parse_overrides(FLAGS.set, fields)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
 
 
 def digirl_config_from_flags():

@@ -174,20 +174,22 @@ def validate(config: TrainConfig) -> None:
     parse_mesh(config.mesh)
 
 
-def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+def parse_overrides(items: list[str] | tuple[str, ...], fields: Any = None) -> dict[str, Any]:
     """Parses ``name=value`` strings (e.g. from a repeatable ``--set`` flag) into config overrides.
 
     Values are read as JSON when they parse (numbers, true/false, null), else kept as strings.
-    Raises ValueError naming the item when it is not ``name=value`` or names no TrainConfig field.
+    ``fields``: the allowed names (default: TrainConfig's fields; e.g. DigiRLConfig's).
+    Raises ValueError naming the item when it is not ``name=value`` or names no such field.
     """
     import json
 
-    fields = TrainConfig.__dataclass_fields__
+    fields = TrainConfig.__dataclass_fields__ if fields is None else fields
     overrides: dict[str, Any] = {}
     for item in items:
         name, sep, raw = item.partition("=")
         if not sep or name not in fields:
-            raise ValueError(f"--set {item!r}: expected name=value with name one of TrainConfig's fields")
+            raise ValueError(f"--set {item!r}: expected name=value with name one of the config's fields "
+                             f"({', '.join(sorted(fields))})")
         try:
             overrides[name] = json.loads(raw)
         except json.JSONDecodeError:
