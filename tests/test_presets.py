@@ -19,3 +19,11 @@ def test_tiny_cpu_demonstrations_fit_max_new_tokens(env):
     tokens, mask = sft_lib.encode_answers(tokenizer, demos.answers, config.max_new_tokens)  # raises if too long
     assert tokens.shape == (len(demos.answers), config.max_new_tokens)
     assert mask.sum(axis=1).max() <= config.max_new_tokens
+
+
+def test_per_env_defaults_apply_to_their_game_only_and_overrides_win():
+    assert preset("tiny_cpu", env="EZPoints").sft_epochs == 3
+    assert preset("tiny_cpu", env="NumberLine").sft_epochs == 10
+    assert preset("tiny_cpu", env="EZPoints", sft_epochs=7).sft_epochs == 7
+    assert preset("paper", env="EZPoints").sft_epochs == 3  # the paper preset's own value
+    assert preset("tiny_cpu", env="Points24").max_new_tokens == 64
