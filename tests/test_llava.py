@@ -321,3 +321,17 @@ def test_tiny_next_preset_runs_jitted():
     # A 300x300 frame is downscaled into the 64x64 pinpoint: 2x2 tiles, an 8x8 map, 16 + 8 * 9 tokens.
     assert llava.LlavaConfig.tiny_next().num_image_tokens((300, 300)) == 16 + 8 * 9
     assert llava.LlavaConfig.tiny().num_image_tokens() == 16
+
+
+def test_decode_logits_slice_matches_the_full_logits():
+    cfg = llava.LlavaConfig.tiny()
+    model = llava.random_init(cfg, seed=3)
+    rng = np.random.default_rng(0)
+    mask = jnp.asarray(np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], np.int32))
+    embeds = jnp.asarray(rng.normal(size=(2, 6, cfg.text.hidden_size)).astype(np.float32))
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    full, hidden, _ = model.decode(embeds, mask, positions)
+    part, hidden_part, _ = model.decode(embeds, mask, positions, logits_slice=(4, 6))
+    assert part.shape == (2, 2, cfg.text.vocab_size)
+    np.testing.assert_allclose(np.asarray(part), np.asarray(full[:, 4:6]), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(hidden_part), np.asarray(hidden))

@@ -377,11 +377,16 @@ class Llava(nnx.Module):
         return self.language_model.init_cache(batch_size, max_length, dtype)
 
     def decode(self, inputs_embeds: jax.Array, attention_mask: jax.Array, positions: jax.Array,
-               cache: KVCache | None = None, *, remat: bool = False
+               cache: KVCache | None = None, *, remat: bool = False, logits_slice: tuple[int, int] | None = None
                ) -> tuple[jax.Array, jax.Array, KVCache | None]:
-        """-> (logits `[B, T, V]`, final hidden `[B, T, D]`, cache). See `llama.DecoderModel.__call__`."""
+        """-> (logits `[B, T, V]`, final hidden `[B, T, D]`, cache). See `llama.DecoderModel.__call__`.
+
+        `logits_slice=(start, stop)` (static ints) computes logits only for positions start..stop-1
+        (`[B, stop - start, V]`): a prefill needs the last position's, not a 32k-vocab row per prompt token.
+        """
         hidden, cache = self.language_model(inputs_embeds, attention_mask, positions, cache, remat=remat)
-        return self.logits(hidden), hidden, cache
+        selected = hidden if logits_slice is None else hidden[:, logits_slice[0]:logits_slice[1]]
+        return self.logits(selected), hidden, cache
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  pixel_values: jax.Array | None = None, image_sizes: jax.Array | None = None) -> jax.Array:
