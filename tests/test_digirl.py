@@ -277,7 +277,11 @@ def test_off2on_smoke_and_resume(tmp_path):
         assert tr2.iteration == 2 and tr2.env_steps == tr.env_steps and tr2.replay.size == tr.replay.size
         for a, b in zip(jax.tree.leaves(tr2.params), jax.tree.leaves(tr.params)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        # The constructor precompiled every response-length bucket: the resumed run compiles none.
+        from coso_jax.causal import trace_count
+        traces = trace_count()
         history2 = tr2.train()
+        assert trace_count() == traces
     finally:
         tr2.close()
     assert len(history2) == 1 and history2[0]["stage"] == "online"

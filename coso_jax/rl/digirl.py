@@ -62,7 +62,7 @@ from flax import nnx
 from coso_jax import checkpoint as ckpt
 from coso_jax import losses, metrics as metrics_lib, sampling
 from coso_jax.causal import classifier as clf
-from coso_jax.causal import causal_weights, counterfactual_effects, skip_token_mask
+from coso_jax.causal import causal_weights, counterfactual_effects, precompile as causal_precompile, skip_token_mask
 from coso_jax.models.image_processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, resize
 from coso_jax.models.llama import positions_from_mask
 from coso_jax.rl import policy as policy_lib
@@ -1099,6 +1099,9 @@ class DigiRLTrainer:
         self.skip_vocab = skip_token_mask(self.tokenizer, vocab_size=self.classifier.config.vocab_size)
         self.mask_token_id = int(self.tokenizer.unk_token_id)
         self.image_token_id = int(self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+        if config.algo == "coso":
+            # Every response-length bucket now (as the PPO trainer does), so no iteration stops to compile.
+            causal_precompile(clf.logits_fn(self.classifier), config.max_new_tokens)
 
         self.policy_gd, params = nnx.split(start.policy, nnx.Param)
         hidden = start.policy.config.text.hidden_size
