@@ -6,6 +6,7 @@
 - `engine.Engine`: TextWorld's PDDL engine, plain or with the memoised fast path; `engine.progress`.
 - `env.ALFWorldEnv` (`coso_jax/ALFWorld-v0`) and `text.ALFWorldText` (prompt / parse / labels).
 - `demos`: expert walkthroughs as chain-of-thought answers for SFT.
+- `official`: ALFWorld's official game files (`$ALFWORLD_DATA`) for the same env (`ALFWorldEnv(data_dir=...)`).
 
 Needs `alfworld==0.4.2` (the `alfworld` and `test` extras of pyproject.toml). Importing this package
 does not import alfworld; the modules that need it raise an ImportError with the install hint.

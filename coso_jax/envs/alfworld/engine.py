@@ -357,7 +357,9 @@ def subgoals(game: Game, facts: Iterable) -> list[bool]:
         lamps = {o for o, ty in game.objects.items() if ty == game.toggle}
         toggled = _has(facts, "istoggled") & lamps
         at = {a[1] for a in _fact_args(facts, "atlocation") if a[0] == "agent1"}
-        lamp_here = [o for o, r in inrec if o in toggled and f"loc_{r}" in at]
+        # where each receptacle stands (generated games: loc_<r>; official ones may share a location)
+        rloc = dict(_fact_args(facts, "receptacleatlocation"))
+        lamp_here = [o for o, r in inrec if o in toggled and rloc.get(r, f"loc_{r}") in at]
         held = bool(objs & holds)
         return [held, bool(toggled), held and bool(lamp_here)]
     raise ValueError(f"unknown task type {t!r}")

@@ -14,7 +14,13 @@ the fraction of the task's subgoals met in the new state) - 1 if the command was
 terminates when won and is truncated after `max_steps` (50, as RL4VLM) steps.
 
 Options of `reset(options=...)`: "task_type" (full name or alias), "split", "index" (the game's
-seed in the pool), or "game" (a `Game` to play).
+seed in the pool; with official data, its index among the split's games of the allowed task types),
+or "game" (a `Game` to play).
+
+Official data (`official.py`): `ALFWorldEnv(data_dir="/path/to/alfworld_data")` or
+`ALFWorldEnv(source="official")` (reads `$ALFWORLD_DATA`) plays ALFWorld's own game files instead of
+the generated pools: each reset draws uniformly from the discovered games of the split (train,
+valid_seen -> "test", valid_unseen -> "unseen") and allowed task types; everything else is the same.
 
 `snapshot()` / `restore_snapshot(state)`: a picklable snapshot of the running episode (the game, the
 commands played since reset, the counters, the RNG) and its exact restoration by replaying those
@@ -28,7 +34,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from coso_jax.envs.alfworld import data, engine, pools, render
+from coso_jax.envs.alfworld import data, engine, official, pools, render
 from coso_jax.envs.alfworld.generator import SPLITS, TASK_TYPES, Game, task_type_name
 from coso_jax.envs.alfworld.text import INADMISSIBLE
 
@@ -52,14 +58,25 @@ class ALFWorldEnv(gym.Env):
       cache_dir: game cache (default: pools.default_cache_dir()).
       progress_reward: "level" (RL4VLM) or "delta".
       render_images: False returns a blank image (text-only agents, benchmarks).
+      source: "generated" (the pools) or "official" (ALFWorld's game files); default: "official" when
+        `data_dir` is given, else "generated".
+      data_dir: the official data root (default `$ALFWORLD_DATA`), or an `official.OfficialData`;
+        `pool_size` does not apply to it (all discovered games are played).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 2}
 
     def __init__(self, task_type: str | None = None, split: str = "train", pool_size: int = 100,
                  max_steps: int = MAX_STEPS, fast: bool = True, cache_dir: str | None = None,
-                 progress_reward: str = "level", render_images: bool = True, render_mode: str | None = None) -> None:
+                 progress_reward: str = "level", render_images: bool = True, render_mode: str | None = None,
+                 source: str | None = None, data_dir: "str | official.OfficialData | None" = None) -> None:
         data.require()
+        if source is None:
+            source = "generated" if data_dir is None else "official"
+        if source not in ("generated", "official"):
+            raise ValueError(f"source must be 'generated' or 'official', got {source!r}")
+        if source == "generated" and data_dir is not None:
+            raise ValueError("data_dir is for source='official'")
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if progress_reward not in ("level", "delta"):
@@ -74,6 +91,11 @@ class ALFWorldEnv(gym.Env):
         self.progress_reward = progress_reward
         self.render_images = bool(render_images)
         self.render_mode = render_mode
+        self.source = source
+        self.official: official.OfficialData | None = None
+        if source == "official":
+            self.official = data_dir if isinstance(data_dir, official.OfficialData) else official.OfficialData(data_dir)
+            self.official.games(split, self.task_types)  # fails now, naming the folder, if there is nothing to play
         self.engine = engine.Engine(fast=fast, sas_cache_dir=pools.sas_dir(cache_dir) if fast else None)
         self.action_space = spaces.Discrete(256)  # index into admissible commands (or a command string)
         self.observation_space = spaces.Box(0, 255, (render.CANVAS, render.CANVAS, 3), np.uint8)
@@ -91,6 +113,12 @@ class ALFWorldEnv(gym.Env):
             return options["game"]
         types = (task_type_name(options["task_type"]),) if options.get("task_type") else self.task_types
         split = options.get("split", self.split)
+        if self.official is not None:
+            games = self.official.games(split, types)
+            index = options.get("index")
+            if index is None:
+                index = int(self.np_random.integers(len(games)))
+            return self.official.load(games[int(index)])
         task = types[int(self.np_random.integers(len(types)))]
         index = options.get("index")
         if index is None:
@@ -186,7 +214,7 @@ class ALFWorldEnv(gym.Env):
 
     def restore_snapshot(self, state: dict[str, Any]) -> None:
         """Restores a `snapshot()`: loads its game and replays its commands."""
-        game = Game.from_dict(state["game"])
+        game = official.game_from_dict(state["game"])
         self.reset(options={"game": game})
         for command in state["history"]:
             self.engine.step(command)
