@@ -5,6 +5,10 @@
   python -m benchmarks.paper_curves --smoke               # 1 seed, 2 short iterations (tests)
   python -m benchmarks.paper_curves --report_only         # re-draw figure and tables from runs/
 
+Other benchmarks' JSON, where it exists, adds a panel and a table: `--web_results` (device control,
+`benchmarks.web --digirl`) and `--alfworld_results` (ALFWorld, six task types, per-task-type success and
+progress, `benchmarks.alfworld --compare`).
+
 Every (game, algo, seed) run is an ordinary `Trainer` run under
 ``<workdir>/<game>/<algo>/seed_<k>/`` (metrics.jsonl, TensorBoard, checkpoints). A run that finished
 has ``result.json`` and is skipped on the next invocation; a run that was interrupted resumes from its
@@ -56,6 +60,15 @@ PAPER_NOTE = ("Paper columns: a 7B LLaVA-1.6 after SFT, 15k env steps on 8 GPUs 
               "recalled, not re-verified); not comparable in scale with a tiny model trained from "
               "scratch on a CPU. CoSo's per-game numbers were not available: the CoSo paper reports "
               "a gym_cards average of 49.3 vs 45.1 for RL4VLM.")
+
+# CoSo paper, ALFWorld (6 subtasks, LLaVA-1.6-7B + PPO/RL4VLM): only the average success % is known
+# (../shared/research/paper.md §4.1, from a secondary digest of the paper, not checked against the PDF);
+# the per-task-type cells were not found.
+PAPER_ALFWORLD_AVERAGE = {"rl4vlm": 22.7, "coso": 26.5}
+PAPER_ALFWORLD_NOTE = ("Paper rows: LLaVA-1.6-7B after SFT, trained with PPO (RL4VLM) on ALFWorld's official games; "
+                       "a different model scale (and game set) from our tiny model trained from scratch on generated "
+                       "games, so not comparable. Only the paper's averages are known (secondary source); its "
+                       "per-task-type numbers were not available.")
 
 # The smoke grid: the trainer test's tiny settings, two iterations of 16 env steps.
 SMOKE_OVERRIDES = dict(
@@ -279,8 +292,50 @@ def web_panel(path: Path) -> tuple[dict[str, list], dict[str, Any]] | None:
     return curves, data.get("summary", {})
 
 
+def alfworld_panel(path: Path) -> tuple[dict[str, list], dict[str, Any]] | None:
+    """The ALFWorld panel from `python -m benchmarks.alfworld --compare`'s JSON, if it exists: the
+    training success curve (success over the last `success_window` episodes) vs env steps per algo
+    over seeds, and the JSON itself (its per-task-type `table`)."""
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    curves: dict[str, list] = {}
+    for run in data.get("runs", []):
+        xs = np.asarray(run["env_steps"], np.float64)
+        ys = np.asarray([np.nan if y is None else y for y in run["success_rate"]], np.float64)
+        curves.setdefault(run["algo"], []).append((xs, ys))
+    return curves, data
+
+
+def alfworld_markdown(data: dict[str, Any], source: str) -> str:
+    """Per-task-type tables (rows: algos, SFT start, the paper's averages; columns: the six task types
+    and the average) of the held-out splits in an ALFWorld comparison JSON: success, then final
+    goal-condition progress."""
+    types = data.get("task_types", [])
+    names = data.get("short_names", {})
+    games = data.get("eval", {}).get("games_per_task_type", {})
+    md = [f"\n## ALFWorld (6 task types), RL4VLM (PPO) backbone ({source})\n"]
+    for split, rows in data.get("table", {}).items():
+        for measure, what in (("success", "success"), ("progress", "final goal-condition progress")):
+            md += [f"{split} split ({games.get(split, '?')} games per task type), {what} in %, mean ± SE over "
+                   "seeds:", "",
+                   "| algo | seeds | " + " | ".join(names.get(t, t) for t in types) + " | Avg |",
+                   "|---|---|" + "---|" * (len(types) + 1)]
+            for name, row in rows.items():
+                label = "SFT start" if name == "sft_start" else name
+                md.append(f"| {label} | {row['seeds']} | " + " | ".join(
+                    _fmt(tuple(row[t][measure])) for t in types) + f" | {_fmt(tuple(row['average'][measure]))} |")
+            if measure == "success":
+                for algo, avg in PAPER_ALFWORLD_AVERAGE.items():
+                    md.append(f"| paper {'RL4VLM' if algo == 'rl4vlm' else 'CoSo'} (7B, different scale) | n/a | "
+                              + " | ".join("n/a" for _ in types) + f" | {avg:.1f} |")
+            md.append("")
+    md += [PAPER_ALFWORLD_NOTE, ""]
+    return "\n".join(md)
+
+
 def report(spec: GridSpec, out_dir: Path, tag: str, timings: dict[str, Any] | None,
-           web_results: Path | None = None) -> dict[str, Any]:
+           web_results: Path | None = None, alfworld_results: Path | None = None) -> dict[str, Any]:
     collected = collect(spec)
     table, curves = collected["table"], collected["curves"]
     panels = {env: {algo: runs for algo, runs in per_algo.items() if runs}
@@ -289,6 +344,9 @@ def report(spec: GridSpec, out_dir: Path, tag: str, timings: dict[str, Any] | No
     if web is not None and panels:
         # x of this panel: online trajectories (DigiRL counts trajectories, not env steps).
         panels["web/general, DigiRL (x: online trajectories)"] = web[0]
+    alfworld = alfworld_panel(alfworld_results) if alfworld_results is not None else None
+    if alfworld is not None and alfworld[0]:
+        panels["ALFWorld (6 task types)"] = alfworld[0]
     out_dir.mkdir(parents=True, exist_ok=True)
     png = out_dir / f"paper_curves_{tag}.png"
     if panels:
@@ -310,6 +368,8 @@ def report(spec: GridSpec, out_dir: Path, tag: str, timings: dict[str, Any] | No
         for algo, row in web[1].items():
             md += (f"| {algo} | {len(row['seeds'])} | {_fmt((row['test_success_mean'], row['test_success_se']))} | "
                    f"{_fmt((row['online_success_mean'], row['online_success_se']))} |\n")
+    if alfworld is not None:
+        md += alfworld_markdown(alfworld[1], str(alfworld_results))
     (out_dir / f"paper_curves_{tag}.md").write_text(md)
     payload = {
         "description": "gym_cards CoSo vs entropy vs none over seeds (benchmarks/paper_curves.py)",
@@ -328,6 +388,12 @@ def report(spec: GridSpec, out_dir: Path, tag: str, timings: dict[str, Any] | No
         "figure": png.name,
         "device_control": None if web is None else {"source": str(web_results), "summary": web[1]},
     }
+    if alfworld is not None:  # only then: the payload is unchanged without the ALFWorld results
+        payload["alfworld"] = {"source": str(alfworld_results), "table": alfworld[1].get("table"),
+                               "task_types": alfworld[1].get("task_types"),
+                               "eval": alfworld[1].get("eval"),
+                               "paper_average_percent": PAPER_ALFWORLD_AVERAGE,
+                               "paper_note": PAPER_ALFWORLD_NOTE}
     write_results(f"paper_curves_{tag}", payload, out_dir=out_dir)
     print(md)
     return payload
@@ -352,6 +418,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[GridSpec, argparse.Na
     parser.add_argument("--web_results", default=str(RESULTS_DIR / "web_digirl_cpu.json"),
                         help="benchmarks.web --digirl JSON drawn as the device-control panel if it exists "
                              "('' for none)")
+    parser.add_argument("--alfworld_results", default=str(RESULTS_DIR / "alfworld_compare_cpu.json"),
+                        help="benchmarks.alfworld --compare JSON drawn as the ALFWorld panel and per-task-type "
+                             "table if it exists ('' for none)")
     args = parser.parse_args(argv)
 
     def split(text, allowed, what):
@@ -397,7 +466,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     tag = args.tag or ("smoke" if args.smoke else ("cpu" if jax.devices()[0].platform == "cpu" else "gpu"))
     return report(spec, Path(args.out), tag, timings,
-                  web_results=Path(args.web_results) if args.web_results and not args.smoke else None)
+                  web_results=Path(args.web_results) if args.web_results and not args.smoke else None,
+                  alfworld_results=(Path(args.alfworld_results) if args.alfworld_results and not args.smoke
+                                    else None))
 
 
 if __name__ == "__main__":

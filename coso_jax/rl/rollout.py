@@ -7,6 +7,9 @@ once (as SB3's DummyVecEnv does in RL4VLM), and their returns feed the success t
 Envs whose legal actions change every step (ALFWorld: the admissible commands) take the current
 `info` in `parse` (`parse(text, rng, info=info)`); an episode's success is `info["won"]` where the
 env reports it, else return > 0 (RL4VLM's rule for the gym_cards games).
+
+Evaluation: `VectorRollout.play_episodes` plays a fixed list of episodes (reset options) to their end;
+`by_task_type` groups episode stats by the task type their env reports (ALFWorld).
 """
 from __future__ import annotations
 
@@ -42,6 +45,39 @@ class EpisodeStats:
     returns: list[float] = dataclasses.field(default_factory=list)
     lengths: list[int] = dataclasses.field(default_factory=list)
     successes: list[bool] = dataclasses.field(default_factory=list)
+    # Per episode, from its final info where the env reports them (ALFWorld), else None.
+    task_types: list[str | None] = dataclasses.field(default_factory=list)
+    final_progress: list[float | None] = dataclasses.field(default_factory=list)
+
+    def add(self, episode_return: float, length: int, final_info: dict) -> None:
+        self.returns.append(float(episode_return))
+        self.lengths.append(int(length))
+        self.successes.append(episode_success(float(episode_return), final_info))
+        self.task_types.append(final_info.get("task_type"))
+        progress = final_info.get("progress")
+        self.final_progress.append(None if progress is None else float(progress))
+
+
+def by_task_type(stats: EpisodeStats) -> dict[str, dict[str, float]]:
+    """Episodes grouped by their task type (episodes without one are left out), sorted by name:
+    {task_type: {"episodes", "successes", "success_rate", "mean_return", "mean_progress"}}.
+    `mean_progress` (the final goal-condition progress, 1 when won) is nan where no episode reports it."""
+    groups: dict[str, list[int]] = {}
+    for i, task_type in enumerate(stats.task_types):
+        if task_type is not None:
+            groups.setdefault(task_type, []).append(i)
+    out = {}
+    for task_type in sorted(groups):
+        idx = groups[task_type]
+        progress = [stats.final_progress[i] for i in idx if stats.final_progress[i] is not None]
+        out[task_type] = {
+            "episodes": len(idx),
+            "successes": int(sum(stats.successes[i] for i in idx)),
+            "success_rate": float(np.mean([stats.successes[i] for i in idx])),
+            "mean_return": float(np.mean([stats.returns[i] for i in idx])),
+            "mean_progress": float(np.mean(progress)) if progress else float("nan"),
+        }
+    return out
 
 
 def episode_success(episode_return: float, final_info: dict) -> bool:
@@ -173,9 +209,7 @@ class VectorRollout:
                 if terminated or truncated:
                     # RL4VLM treats time-limit truncation as terminal (use_proper_time_limits=False).
                     dones[e] = True
-                    stats.returns.append(float(self.episode_return[e]))
-                    stats.lengths.append(int(self.episode_length[e]))
-                    stats.successes.append(episode_success(float(self.episode_return[e]), info))
+                    stats.add(float(self.episode_return[e]), int(self.episode_length[e]), info)
                     self.episode_return[e] = 0.0
                     self.episode_length[e] = 0
                     obs, info = env.reset()
@@ -200,6 +234,52 @@ class VectorRollout:
             )
             if on_step is not None:
                 on_step()
+        return stats
+
+    def play_episodes(
+        self,
+        policy_fn: Callable[[dict[str, np.ndarray]], StepOutput],
+        episodes: list[dict[str, Any]],
+    ) -> EpisodeStats:
+        """Plays one episode per entry of `episodes` (each the `reset(options=...)` of its env, e.g.
+        ALFWorld's {"split", "task_type", "index"}) to its end, `num_envs` at a time; returns their stats.
+
+        Unlike `collect`, every episode counts, however long it runs (no bias towards short ones), and
+        no buffer is filled. The policy always sees all `num_envs` prompts (one compiled batch shape);
+        envs with no episode left keep their last state and their answers are ignored. Overwrites the
+        running episodes: meant for an evaluation `VectorRollout`.
+        """
+        stats = EpisodeStats()
+        queue = list(episodes)
+        active = np.zeros(self.num_envs, np.bool_)
+
+        def start(e: int) -> None:
+            if not queue:
+                active[e] = False
+                return
+            obs, info = self.envs[e].reset(options=dict(queue.pop(0)))
+            self.obs[e], self.infos[e] = obs, info
+            self.episode_return[e], self.episode_length[e] = 0.0, 0
+            active[e] = True
+
+        for e in range(self.num_envs):
+            start(e)
+        while active.any():
+            out = policy_fn(self.current_inputs())
+            texts, _, _ = self.decode(out.tokens, out.mask)
+            for e in np.flatnonzero(active):
+                if self._parse_takes_info:
+                    parsed = self.iface.parse(texts[e], self.parse_rng, info=self.infos[e])
+                else:
+                    parsed = self.iface.parse(texts[e], self.parse_rng)
+                obs, reward, terminated, truncated, info = self.envs[e].step(parsed.action)
+                self.episode_return[e] += reward
+                self.episode_length[e] += 1
+                self.total_env_steps += 1
+                self.obs[e], self.infos[e] = obs, info
+                if terminated or truncated:
+                    stats.add(float(self.episode_return[e]), int(self.episode_length[e]), info)
+                    start(e)
         return stats
 
     # --- checkpointing -------------------------------------------------------------------------

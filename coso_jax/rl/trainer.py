@@ -36,7 +36,7 @@ from coso_jax.rl import sft as sft_lib
 from coso_jax.rl.buffer import ActionReplay, RolloutBuffer
 from coso_jax.rl.config import TrainConfig
 from coso_jax.rl.ppo import BATCH_FIELDS, PPOHyper, make_optimizer, make_update_fn
-from coso_jax.rl.rollout import StepOutput, SuccessTracker, VectorRollout
+from coso_jax.rl.rollout import StepOutput, SuccessTracker, VectorRollout, by_task_type
 from coso_jax.rl.train_state import (
     ActorCritic,
     batch_shardings,
@@ -343,12 +343,50 @@ class Trainer:
             evaluator.close()
         returns = np.asarray(stats.returns)
         flat_valid = scratch.flat()["valid"]
-        return {
+        out = {
             "episodes": int(returns.size),
             "success_rate": float(np.mean(stats.successes)) if returns.size else float("nan"),
             "mean_return": float(returns.mean()) if returns.size else float("nan"),
             "invalid_action_rate": float(1.0 - flat_valid.mean()),
         }
+        groups = by_task_type(stats)
+        if groups:  # envs that report a task type (ALFWorld): the same numbers per task type
+            out["by_task_type"] = groups
+        return out
+
+    def evaluate_episodes(self, episodes: list[dict[str, Any]], seed: int = 10_000_019,
+                          env_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The current policy on a fixed list of episodes, each played to its end (see
+        `VectorRollout.play_episodes`; e.g. ALFWorld's held-out games: {"split": "test", "task_type": t,
+        "index": i}), on min(num_envs, len(episodes)) envs at a time. Samples at the training temperature;
+        the training envs and RNG are untouched. `env_kwargs` update the config's (e.g. "max_steps").
+
+        Returns "episodes", "success_rate", "mean_return", "mean_length", "mean_progress" (nan where the
+        env reports no progress) and, where the env reports task types, "by_task_type" (see `by_task_type`).
+        """
+        config = self.config
+        evaluator = VectorRollout(config.env, max(min(config.num_envs, len(episodes)), 1), self.encoder,
+                                  self.tokenizer, seed=seed, cot=config.cot, brief=config.brief_prompt,
+                                  env_kwargs={**config.env_kwargs, **(env_kwargs or {})})
+        saved_key = self.key
+        self.key = jax.random.fold_in(self.key, seed)
+        try:
+            stats = evaluator.play_episodes(self.policy_fn, episodes)
+        finally:
+            self.key = saved_key
+            evaluator.close()
+        progress = [p for p in stats.final_progress if p is not None]
+        out = {
+            "episodes": len(stats.returns),
+            "success_rate": float(np.mean(stats.successes)) if stats.returns else float("nan"),
+            "mean_return": float(np.mean(stats.returns)) if stats.returns else float("nan"),
+            "mean_length": float(np.mean(stats.lengths)) if stats.lengths else float("nan"),
+            "mean_progress": float(np.mean(progress)) if progress else float("nan"),
+        }
+        groups = by_task_type(stats)
+        if groups:
+            out["by_task_type"] = groups
+        return out
 
     def train(self) -> list[dict[str, Any]]:
         config = self.config
