@@ -226,9 +226,10 @@ def _dumps(record: Mapping[str, Any]) -> str:
 class SuccessTracker:
     """Success rate, mean return and mean length over the last ``window`` finished episodes.
 
-    As in RL4VLM, an episode is a success iff its return is > 0. Feed finished episodes
-    with :meth:`add_episode`, or per-step vectors of rewards and done flags with
-    :meth:`update` (returns and lengths are accumulated per environment).
+    As in RL4VLM, an episode is a success iff its return is > 0, unless :meth:`add_episode` is given
+    an explicit flag (ALFWorld: ``info["won"]``; shaped rewards make the return's sign no success
+    signal). Feed finished episodes with :meth:`add_episode`, or per-step vectors of rewards and done
+    flags with :meth:`update` (returns and lengths are accumulated per environment).
     """
 
     def __init__(self, window: int = 100) -> None:
@@ -236,13 +237,15 @@ class SuccessTracker:
             raise ValueError(f"window must be >= 1, got {window}")
         self.window = int(window)
         self._episodes: collections.deque[tuple[float, int]] = collections.deque(maxlen=self.window)
+        self._successes: collections.deque[bool] = collections.deque(maxlen=self.window)
         self._running_return: np.ndarray | None = None
         self._running_length: np.ndarray | None = None
         self.total_episodes = 0
 
-    def add_episode(self, episode_return: float, length: int) -> None:
-        """Records one finished episode."""
+    def add_episode(self, episode_return: float, length: int, success: bool | None = None) -> None:
+        """Records one finished episode; ``success`` defaults to ``episode_return > 0``."""
         self._episodes.append((float(episode_return), int(length)))
+        self._successes.append(bool(episode_return > 0 if success is None else success))
         self.total_episodes += 1
 
     def update(self, rewards: Any, dones: Any) -> list[tuple[float, int]]:
@@ -279,10 +282,10 @@ class SuccessTracker:
 
     @property
     def success_rate(self) -> float:
-        """Fraction of the last ``window`` episodes with return > 0 (NaN before any)."""
-        if not self._episodes:
+        """Fraction of the last ``window`` episodes that succeeded (NaN before any)."""
+        if not self._successes:
             return float("nan")
-        return float(np.mean([r > 0 for r, _ in self._episodes]))
+        return float(np.mean(self._successes))
 
     @property
     def mean_return(self) -> float:
@@ -310,6 +313,7 @@ class SuccessTracker:
         return {
             "window": self.window,
             "episodes": [[r, n] for r, n in self._episodes],
+            "successes": list(self._successes),
             "total_episodes": self.total_episodes,
             "running_return": None if self._running_return is None else self._running_return.tolist(),
             "running_length": None if self._running_length is None else self._running_length.tolist(),
@@ -320,6 +324,10 @@ class SuccessTracker:
         if int(state["window"]) != self.window:
             raise ValueError(f"SuccessTracker window {self.window} != saved window {state['window']}")
         self._episodes = collections.deque(((float(r), int(n)) for r, n in state["episodes"]), maxlen=self.window)
+        saved = state.get("successes")
+        if saved is None:  # a checkpoint from before success flags: return > 0, as it was then
+            saved = [r > 0 for r, _ in self._episodes]
+        self._successes = collections.deque((bool(x) for x in saved), maxlen=self.window)
         self.total_episodes = int(state["total_episodes"])
         rr, rl = state.get("running_return"), state.get("running_length")
         self._running_return = None if rr is None else np.asarray(rr, dtype=np.float64)

@@ -225,3 +225,16 @@ def test_mean_se_and_plot(tmp_path: Path):
         mean_se([(np.array([0.0, 1.0]), np.zeros(2)), (np.array([2.0, 3.0]), np.zeros(2))])
     out = plot_mean_se({"coso": runs, "entropy": runs[:2]}, tmp_path / "mean_se.png", title="seeds")
     _assert_png(out)
+
+
+def test_success_tracker_explicit_flags_and_checkpoints_from_before_them():
+    t = SuccessTracker(window=3)
+    for ret, won in [(1.0, True), (5.0, False), (-2.0, False), (3.0, None)]:
+        t.add_episode(ret, 10, won)
+    assert t.success_rate == pytest.approx(1 / 3)  # last 3: False, False, 3.0 > 0 (returns alone: 2/3)
+    u = SuccessTracker(window=3)
+    u.load_state_dict(json.loads(json.dumps(t.state_dict())))
+    assert u.success_rate == t.success_rate and u.state_dict() == t.state_dict()
+    old = {k: v for k, v in t.state_dict().items() if k != "successes"}  # written before the flags
+    u.load_state_dict(old)
+    assert u.success_rate == pytest.approx(2 / 3)  # return > 0, as it was then

@@ -13,7 +13,6 @@ Evaluation: `VectorRollout.play_episodes` plays a fixed list of episodes (reset 
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import inspect
 import pickle
@@ -23,7 +22,6 @@ import gymnasium as gym
 import numpy as np
 
 import coso_jax.envs  # noqa: F401  (registers the envs)
-from coso_jax import metrics as metrics_lib
 from coso_jax.envs import text_interface
 from coso_jax.rl.buffer import RolloutBuffer
 from coso_jax.rl.prompting import PromptEncoder
@@ -83,37 +81,6 @@ def by_task_type(stats: EpisodeStats) -> dict[str, dict[str, float]]:
 def episode_success(episode_return: float, final_info: dict) -> bool:
     """`final_info["won"]` where the env reports it (ALFWorld), else return > 0 (gym_cards)."""
     return bool(final_info["won"]) if "won" in final_info else episode_return > 0
-
-
-class SuccessTracker(metrics_lib.SuccessTracker):
-    """`metrics.SuccessTracker` with an explicit success flag per episode.
-
-    ALFWorld's shaped rewards (goal progress each step, -1 per inadmissible command) make the
-    return's sign no success signal, so the rollout passes `episode_success` along; without a flag
-    (and for the gym_cards games, whose flag is return > 0) this is the plain tracker.
-    """
-
-    def __init__(self, window: int = 100) -> None:
-        super().__init__(window)
-        self._successes: collections.deque[bool] = collections.deque(maxlen=self.window)
-
-    def add_episode(self, episode_return: float, length: int, success: bool | None = None) -> None:
-        super().add_episode(episode_return, length)
-        self._successes.append(bool(episode_return > 0 if success is None else success))
-
-    @property
-    def success_rate(self) -> float:
-        return float(np.mean(self._successes)) if self._successes else float("nan")
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(super().state_dict(), successes=list(self._successes))
-
-    def load_state_dict(self, state) -> None:
-        super().load_state_dict(state)
-        saved = state.get("successes")
-        if saved is None:  # a checkpoint from before success flags: return > 0, as it was then
-            saved = [r > 0 for r, _ in state["episodes"]]
-        self._successes = collections.deque((bool(x) for x in saved), maxlen=self.window)
 
 
 class VectorRollout:

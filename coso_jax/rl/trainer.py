@@ -36,7 +36,7 @@ from coso_jax.rl import sft as sft_lib
 from coso_jax.rl.buffer import ActionReplay, RolloutBuffer
 from coso_jax.rl.config import TrainConfig
 from coso_jax.rl.ppo import BATCH_FIELDS, PPOHyper, make_optimizer, make_update_fn
-from coso_jax.rl.rollout import StepOutput, SuccessTracker, VectorRollout, by_task_type
+from coso_jax.rl.rollout import StepOutput, VectorRollout, by_task_type
 from coso_jax.rl.train_state import (
     ActorCritic,
     batch_shardings,
@@ -178,7 +178,7 @@ class Trainer:
                                     probe["pixel_values"].dtype)
         self.replay = ActionReplay(config.causal_replay_capacity, config.max_new_tokens, seed=config.seed)
         self.replay.add(start.demo_tokens, start.demo_mask, start.demo_labels, start.demo_labels >= 0)
-        self.tracker = SuccessTracker(config.success_window)
+        self.tracker = metrics_lib.SuccessTracker(config.success_window)
 
         self._build_jitted()
         if resume and self.checkpointer.latest_step() is not None:
