@@ -294,3 +294,24 @@ def test_launcher_config_from_flags(tmp_path):
             train.config_from_flags()
     finally:
         flags_.unparse_flags()
+
+
+def test_cached_sft_start_reads_its_demo_texts_instead_of_replaying(runs, rl_sft_dir, monkeypatch):
+    from coso_jax.rl import policy as policy_lib
+    from coso_jax.rl import sft as sft_lib
+
+    cfg = runs["cfg4"]
+    expected = sft_lib.collect_demos(cfg.env, cfg.sft_episodes, policy_lib._DEMO_SEED, cfg.sft_imperfect_frac,
+                                     cot=cfg.cot, brief=cfg.brief_prompt, env_kwargs=cfg.env_kwargs)
+    assert (rl_sft_dir / policy_lib.DEMO_TEXTS).exists()
+
+    def no_replay(*args, **kwargs):
+        raise AssertionError("a cached SFT start replayed its demonstrations")
+
+    monkeypatch.setattr(sft_lib, "collect_demos", no_replay)
+    start = policy_lib.load_or_build_sft_start(cfg, rl_sft_dir)
+    tokens, mask = sft_lib.encode_answers(start.tokenizer, expected.answers, cfg.max_new_tokens)
+    np.testing.assert_array_equal(start.demo_tokens, tokens)
+    np.testing.assert_array_equal(start.demo_mask, mask)
+    np.testing.assert_array_equal(start.demo_labels, expected.labels)
+    assert start.encoder.prompt_len == runs["a_trainer"].encoder.prompt_len

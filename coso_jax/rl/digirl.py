@@ -70,6 +70,7 @@ from coso_jax.rl import sft as sft_lib
 from coso_jax.rl.buffer import ActionReplay
 from coso_jax.rl.config import ALGOS
 from coso_jax.rl.prompting import PromptEncoder
+from coso_jax.rl.train_state import resume_and_open_writer
 from coso_jax.tokenizer import IMAGE_TOKEN, build_bpe, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -1132,12 +1133,7 @@ class DigiRLTrainer:
         self.tracker = metrics_lib.SuccessTracker(config.success_window)
         self.pool = WebEnvPool(config.horizon, config.screen_scale, config.max_browsers)
         self._last = None
-        if resume and self.checkpointer.latest_step() is not None:
-            self._restore()
-        elif resume:
-            log.warning("--resume given but %s holds no checkpoint: starting a new run", self.workdir)
-        self.writer = metrics_lib.MetricsWriter(self.workdir, resume_step=self.iteration if resume else None)
-        (self.workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        self.writer = resume_and_open_writer(self, config.to_dict(), resume=resume)
 
     # ------------------------------------------------------------------------------------------
     def _next_key(self) -> jax.Array:

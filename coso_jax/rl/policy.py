@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 _DEMO_SEED = 1_000_003  # demonstrations use seeds disjoint from the online runs' env seeds
 _MODEL_SEED = 0
+DEMO_TEXTS = "demo_texts.json.gz"  # in the SFT dir: the demonstrations' texts and labels
 OBSERVATION_SIZE = (300, 300)
 
 
@@ -123,9 +124,15 @@ def prepare_env(config: TrainConfig) -> None:
 def load_or_build_sft_start(config: TrainConfig, sft_dir: Path) -> SFTStart:
     sft_dir = Path(sft_dir)
     prepare_env(config)
-    demos = sft_lib.collect_demos(config.env, config.sft_episodes, _DEMO_SEED, config.sft_imperfect_frac,
-                                  cot=config.cot, brief=config.brief_prompt, env_kwargs=config.env_kwargs)
     done = sft_dir / "summary.json"
+    texts = sft_dir / DEMO_TEXTS
+    if done.exists() and texts.exists():
+        # A cached start needs only the texts (prompt length, the classifier's replay): replaying the
+        # episodes for their images again took 20-50 s per ALFWorld run.
+        demos = sft_lib.load_demo_texts(texts)
+    else:
+        demos = sft_lib.collect_demos(config.env, config.sft_episodes, _DEMO_SEED, config.sft_imperfect_frac,
+                                      cot=config.cot, brief=config.brief_prompt, env_kwargs=config.env_kwargs)
     if config.hf_dir:
         tokenizer = load_tokenizer(config.hf_dir)
     elif done.exists():
@@ -161,6 +168,8 @@ def load_or_build_sft_start(config: TrainConfig, sft_dir: Path) -> SFTStart:
         store.save(0, items, {"fingerprint": summary["fingerprint"]}, force=True)
         store.wait()
         done.write_text(json.dumps(summary, indent=2) + "\n")
+    if not texts.exists():
+        sft_lib.save_demo_texts(demos, texts)
     store.close()
     return SFTStart(tokenizer, encoder, policy, value_head, classifier, summary, demo_tokens, demo_mask,
                     demos.labels)

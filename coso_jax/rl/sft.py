@@ -8,6 +8,9 @@ demo files stay small and the images are exactly what the env renders.
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import json
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import gymnasium as gym
@@ -26,15 +29,35 @@ from coso_jax.rl.prompting import PromptEncoder
 
 @dataclasses.dataclass
 class DemoSet:
-    """Demonstrations with their observations: `observations[n, H, W, 3]`, texts and labels."""
+    """Demonstrations with their observations: `observations[n, H, W, 3]`, texts and labels.
 
-    observations: np.ndarray
+    `observations` is None for the texts alone (`load_demo_texts`: what a cached SFT start needs).
+    """
+
+    observations: np.ndarray | None
     prompts: list[str]
     answers: list[str]
     labels: np.ndarray  # [n] int32, -1 where the answer does not parse (never for oracle answers)
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+
+def save_demo_texts(demos: DemoSet, path: str | Path) -> None:
+    """Writes the texts and labels of `demos` (gzipped JSON; no observations)."""
+    payload = {"prompts": demos.prompts, "answers": demos.answers, "labels": [int(x) for x in demos.labels]}
+    tmp = Path(str(path) + ".tmp")
+    with gzip.open(tmp, "wt", encoding="utf-8") as f:
+        json.dump(payload, f)
+    tmp.replace(path)
+
+
+def load_demo_texts(path: str | Path) -> DemoSet:
+    """The `DemoSet` written by `save_demo_texts`, with `observations=None`."""
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        payload = json.load(f)
+    return DemoSet(None, list(payload["prompts"]), list(payload["answers"]),
+                   np.asarray(payload["labels"], np.int32))
 
 
 def collect_demos(env_name: str, episodes: int, seed: int, imperfect_frac: float, cot: bool = True,

@@ -119,3 +119,24 @@ def put(tree: Any, shardings: Any) -> Any:
 def tree_all_finite(tree: Any) -> jax.Array:
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def resume_and_open_writer(trainer: Any, config_dict: dict[str, Any], *, resume: bool):
+    """The last step of a trainer's set-up, shared by the PPO and DigiRL trainers.
+
+    With ``resume``, restores the latest checkpoint (``trainer._restore()``) or, when there is none,
+    warns and starts a new run; then opens the run's `MetricsWriter` (cut back to the restored
+    iteration, so no iteration is logged twice) and writes ``config.json``. ``trainer`` has
+    ``workdir``, ``checkpointer``, ``iteration`` and ``_restore``.
+    """
+    import json
+
+    from coso_jax import metrics as metrics_lib
+
+    if resume and trainer.checkpointer.latest_step() is not None:
+        trainer._restore()
+    elif resume:
+        log.warning("--resume given but %s holds no checkpoint: starting a new run", trainer.workdir)
+    writer = metrics_lib.MetricsWriter(trainer.workdir, resume_step=trainer.iteration if resume else None)
+    (trainer.workdir / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
+    return writer

@@ -13,7 +13,6 @@ model settings) and cached under `sft_dir`, so every algo and seed starts from t
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -44,6 +43,7 @@ from coso_jax.rl.train_state import (
     make_mesh,
     put,
     replicated,
+    resume_and_open_writer,
     state_shardings,
 )
 
@@ -181,12 +181,7 @@ class Trainer:
         self.tracker = metrics_lib.SuccessTracker(config.success_window)
 
         self._build_jitted()
-        if resume and self.checkpointer.latest_step() is not None:
-            self._restore()
-        elif resume:
-            log.warning("--resume given but %s holds no checkpoint: starting a new run", self.workdir)
-        self.writer = metrics_lib.MetricsWriter(self.workdir, resume_step=self.iteration if resume else None)
-        (self.workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        self.writer = resume_and_open_writer(self, config.to_dict(), resume=resume)
 
     # ------------------------------------------------------------------------------------------
     def _build_jitted(self) -> None:
