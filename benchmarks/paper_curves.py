@@ -34,6 +34,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -147,7 +148,23 @@ def run_grid(spec: GridSpec) -> dict[str, Any]:
     finally:
         bar.close()
     timings["grid_wall_s_this_invocation"] = time.perf_counter() - start
+    if timings["runs_trained"]:
+        _record_invocation(spec, timings)
     return {"timings": timings}
+
+
+def _timings_path(spec: GridSpec) -> Path:
+    return Path(spec.workdir) / "grid_timings.json"
+
+
+def _record_invocation(spec: GridSpec, timings: dict[str, Any]) -> None:
+    """Appends one invocation's timings to <workdir>/grid_timings.json, so `--report_only` (and a
+    later report) still states how long the grid took."""
+    path = _timings_path(spec)
+    history = json.loads(path.read_text()) if path.exists() else []
+    history.append(dict(timings, finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                        load_avg_1min=os.getloadavg()[0]))
+    _write_json(path, history)
 
 
 def _sft_dir(spec: GridSpec, config) -> Path:
@@ -353,7 +370,9 @@ def report(spec: GridSpec, out_dir: Path, tag: str, timings: dict[str, Any] | No
         metrics_lib.plot_mean_se_panels(
             panels, png, ncols=2 if len(panels) > 1 else 1,
             title=f"{spec.preset} preset: success (mean ± SE over seeds)")
-    timings = timings or {}
+    history = json.loads(_timings_path(spec).read_text()) if _timings_path(spec).exists() else []
+    if timings is None:  # --report_only: the latest invocation that trained something
+        timings = history[-1] if history else {}
     wall = timings.get("grid_wall_s_this_invocation")
     run_walls = sum(_read_result(spec.run_dir(e, a, s)) is not None and
                     _read_result(spec.run_dir(e, a, s)).get("wall_s_this_invocation", 0.0) or 0.0
@@ -384,6 +403,7 @@ def report(spec: GridSpec, out_dir: Path, tag: str, timings: dict[str, Any] | No
         "paper_gym_cards_average": PAPER_GYM_CARDS_AVERAGE,
         "paper_note": PAPER_NOTE,
         "timings": timings,
+        "timings_all_invocations": history,
         "summed_run_wall_s": run_walls,
         "figure": png.name,
         "device_control": None if web is None else {"source": str(web_results), "summary": web[1]},

@@ -101,3 +101,10 @@ def test_smoke_grid_finishes_skips_and_resumes(tmp_path):
 
     third = pc.main(argv)
     assert third["timings"]["runs_trained"] == 0 and third["timings"]["runs_skipped"] == 1
+
+    # Invocations that trained are kept with the runs, so a report drawn later still states the time.
+    history = json.loads((tmp_path / "runs" / "grid_timings.json").read_text())
+    assert [h["runs_trained"] for h in history] == [1, 1]
+    redrawn = pc.main(argv + ["--report_only"])
+    assert redrawn["timings"]["grid_wall_s_this_invocation"] == history[-1]["grid_wall_s_this_invocation"]
+    assert len(redrawn["timings_all_invocations"]) == 2
