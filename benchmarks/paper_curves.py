@@ -56,6 +56,7 @@ PAPER_PEAK_PERCENT = {
     "Points24": {"sft_init": 2.6, "rl4vlm_ppo": 2.3},
     "Blackjack": {"sft_init": 23.1, "rl4vlm_ppo": 40.2},
 }
+WEB_PANEL = "web/general, DigiRL (x: online trajectories)"
 PAPER_GYM_CARDS_AVERAGE = {"rl4vlm": 45.1, "coso": 49.3}
 PAPER_NOTE = ("Paper columns: a 7B LLaVA-1.6 after SFT, 15k env steps on 8 GPUs (RL4VLM Table 2, "
               "recalled, not re-verified); not comparable in scale with a tiny model trained from "
@@ -360,7 +361,7 @@ def report(spec: GridSpec, out_dir: Path, tag: str, timings: dict[str, Any] | No
     web = web_panel(web_results) if web_results is not None else None
     if web is not None and panels:
         # x of this panel: online trajectories (DigiRL counts trajectories, not env steps).
-        panels["web/general, DigiRL (x: online trajectories)"] = web[0]
+        panels[WEB_PANEL] = web[0]
     alfworld = alfworld_panel(alfworld_results) if alfworld_results is not None else None
     if alfworld is not None and alfworld[0]:
         panels["ALFWorld (6 task types)"] = alfworld[0]
@@ -368,7 +369,7 @@ def report(spec: GridSpec, out_dir: Path, tag: str, timings: dict[str, Any] | No
     png = out_dir / f"paper_curves_{tag}.png"
     if panels:
         metrics_lib.plot_mean_se_panels(
-            panels, png, ncols=2 if len(panels) > 1 else 1,
+            panels, png, ncols=2 if len(panels) > 1 else 1, xlabels={WEB_PANEL: "online trajectories"},
             title=f"{spec.preset} preset: success (mean ± SE over seeds)")
     history = json.loads(_timings_path(spec).read_text()) if _timings_path(spec).exists() else []
     if timings is None:  # --report_only: the latest invocation that trained something

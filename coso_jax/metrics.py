@@ -622,10 +622,12 @@ def plot_mean_se_panels(
     ylabel: str = "success rate",
     title: str | None = None,
     num_points: int = 100,
+    xlabels: Mapping[str, str] | None = None,
 ) -> Path:
     """One panel per key of ``panels`` (e.g. a game), each drawn like :func:`plot_mean_se`.
 
     Labels keep the same colour in every panel, so one legend reads across the figure.
+    ``xlabels`` overrides ``xlabel`` per panel (e.g. a panel counted in trajectories).
     """
     from matplotlib.figure import Figure
 
@@ -638,7 +640,7 @@ def plot_mean_se_panels(
     colors = {label: f"C{i}" for i, label in enumerate(labels)}
     for ax, (name, curves) in zip(axes, panels.items()):
         _draw_mean_se(ax, curves, num_points, colors)
-        _decorate(ax, xlabel, ylabel, name, legend=bool(curves))
+        _decorate(ax, (xlabels or {}).get(name, xlabel), ylabel, name, legend=bool(curves))
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     if title:
