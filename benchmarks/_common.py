@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import statistics
@@ -80,6 +81,32 @@ def time_fn(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1) -> Timi
         fn()
         steady.append(time.perf_counter() - start)
     return Timing(first, steady)
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """The JSON at ``path``, or None when there is no such file."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
+    """Writes ``obj`` as JSON through a temporary file, so an interrupted write leaves no half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """A grid's ``--seeds``: a count N (seeds 0..N-1) or a comma-separated list; ValueError otherwise."""
+    return tuple(range(int(text))) if "," not in text else tuple(int(s) for s in text.split(","))
+
+
+def fmt_mean_se(mean_se: tuple[float, float]) -> str:
+    """(mean, standard error) of a rate as "12.3 ± 4.5" percent ("n/a" when the mean is not finite)."""
+    mean, se = mean_se
+    return "n/a" if not math.isfinite(mean) else f"{100 * mean:.1f} ± {100 * se:.1f}"
 
 
 def write_results(name: str, payload: dict[str, Any], out_dir: str | os.PathLike[str] | None = None) -> Path:

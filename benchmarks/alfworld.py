@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-from benchmarks._common import write_results
+from benchmarks._common import parse_seeds, read_json, write_json_atomic, write_results
 from coso_jax.envs.alfworld import engine
 from coso_jax.envs.alfworld.generator import TASK_TYPES, GenerationError, generate
 
@@ -217,21 +217,6 @@ def eval_episodes(split: str, games_per_type: int) -> list[dict]:
     return [{"split": split, "task_type": t, "index": i} for t in TASK_TYPES for i in range(games_per_type)]
 
 
-def _read_json(path):
-    import json
-
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def _write_json(path, obj) -> None:
-    import json
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def _evaluate(trainer, splits: dict[str, int], env_kwargs: dict | None) -> dict:
     out = {}
     for split, games in splits.items():
@@ -276,10 +261,10 @@ def run_compare(algos, seeds, workdir: str, overrides: dict, splits: dict[str, i
                 if sft_built:
                     timings["sft_build_wall_s"] = init_s  # SFT (and the pool) + this run's set-up
                 sft_path = root / "sft_eval.json"
-                if _read_json(sft_path) is None and not resume:  # a fresh Trainer holds the SFT start
+                if not sft_path.exists() and not resume:  # a fresh Trainer holds the SFT start
                     t_eval = time.perf_counter()
                     sft_eval = _evaluate(trainer, splits, eval_env_kwargs)
-                    _write_json(sft_path, {"eval": sft_eval, "sft": trainer.sft_summary,
+                    write_json_atomic(sft_path, {"eval": sft_eval, "sft": trainer.sft_summary,
                                            "trainer_init_wall_s": init_s, "sft_built_here": sft_built,
                                            "wall_s": time.perf_counter() - t_eval})
                     timings["sft_eval_wall_s"] = time.perf_counter() - t_eval
@@ -296,7 +281,7 @@ def run_compare(algos, seeds, workdir: str, overrides: dict, splits: dict[str, i
                       "wall_s_this_invocation": time.perf_counter() - t0,
                       "train_wall_s": train_s, "eval_wall_s": eval_s, "trainer_init_wall_s": init_s,
                       "config": config.to_dict()}
-            _write_json(d / "result.json", result)
+            write_json_atomic(d / "result.json", result)
             timings["runs_trained"] += 1
             timings["run_wall_s"][f"{algo}/{seed}"] = result["wall_s_this_invocation"]
             test = final.get("test", next(iter(final.values()), {}))
@@ -343,7 +328,7 @@ def collect_compare(algos, seeds, workdir: str, splits: dict[str, int]) -> dict:
     for algo in algos:
         for seed in seeds:
             d = root / algo / f"seed_{seed}"
-            result = _read_json(d / "result.json")
+            result = read_json(d / "result.json")
             if result is None:
                 continue
             records = metrics_lib.read_jsonl(d / "metrics.jsonl")
@@ -359,7 +344,7 @@ def collect_compare(algos, seeds, workdir: str, splits: dict[str, int]) -> dict:
                 "wall_s": result.get("wall_s_this_invocation"),
             })
             finals.setdefault(algo, []).append(result["final_eval"])
-    sft = _read_json(root / "sft_eval.json")
+    sft = read_json(root / "sft_eval.json")
     table = {}
     for split, games in splits.items():
         if games <= 0:
@@ -371,26 +356,6 @@ def collect_compare(algos, seeds, workdir: str, splits: dict[str, int]) -> dict:
     return {"runs": runs, "table": table, "sft": sft}
 
 
-def _fmt_cell(cell) -> str:
-    import math
-
-    m, se = cell
-    return "n/a" if not math.isfinite(m) else f"{100 * m:.1f} ± {100 * se:.1f}"
-
-
-def compare_markdown(table: dict, measure: str = "success") -> str:
-    lines = []
-    for split, rows in table.items():
-        lines += [f"{split} split, {measure} (%), mean ± SE over seeds:", "",
-                  "| algo | seeds | " + " | ".join(SHORT_NAMES[t] for t in TASK_TYPES) + " | Avg |",
-                  "|---|---|" + "---|" * (len(TASK_TYPES) + 1)]
-        for name, row in rows.items():
-            lines.append(f"| {name} | {row['seeds']} | " + " | ".join(
-                _fmt_cell(row[t][measure]) for t in TASK_TYPES) + f" | {_fmt_cell(row['average'][measure])} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
 def compare_main(argv=None) -> dict:
     import logging
     from pathlib import Path
@@ -398,6 +363,7 @@ def compare_main(argv=None) -> dict:
     import jax
 
     from benchmarks._common import RESULTS_DIR
+    from benchmarks.paper_curves import alfworld_markdown
     from coso_jax.rl.config import ALGOS, parse_overrides, preset
 
     ap = argparse.ArgumentParser(description="ALFWorld: CoSo vs entropy vs none over the six task types")
@@ -423,8 +389,7 @@ def compare_main(argv=None) -> dict:
     if not algos or any(a not in ALGOS for a in algos):
         ap.error(f"--algos: choose from {list(ALGOS)}, got {args.algos!r}")
     try:
-        seeds = tuple(range(int(args.seeds))) if "," not in args.seeds else tuple(
-            int(x) for x in args.seeds.split(","))
+        seeds = parse_seeds(args.seeds)
     except ValueError:
         ap.error(f"--seeds must be a count or a comma-separated list of ints, got {args.seeds!r}")
     if args.smoke and args.seeds == "3":
@@ -458,7 +423,6 @@ def compare_main(argv=None) -> dict:
               "prompt_len": (sft.get("sft") or {}).get("prompt_len")}
     run_walls = [r["wall_s"] or 0.0 for r in collected["runs"]]
     tag = args.tag or ("smoke" if args.smoke else ("cpu" if jax.devices()[0].platform == "cpu" else "gpu"))
-    md = compare_markdown(collected["table"]) + "\n" + compare_markdown(collected["table"], "progress")
     payload = {
         "what": "ALFWorld (generated games, all six task types, one agent): CoSo vs entropy vs none, tiny_cpu "
                 "preset (tiny LLaVA from scratch, SFT on expert walkthroughs, then PPO); final policies on "
@@ -474,8 +438,10 @@ def compare_main(argv=None) -> dict:
         "sft_start": {"summary": sft.get("sft"), "trainer_init_wall_s": sft.get("trainer_init_wall_s"),
                       "sft_built_in_that_init": sft.get("sft_built_here"), "eval_wall_s": sft.get("wall_s")},
         "timings": timings, "summed_run_wall_s": sum(run_walls),
-        "markdown": md,
     }
+    # The same per-task-type tables as the paper-curves report draws from this JSON.
+    md = alfworld_markdown(payload, f"alfworld_compare_{tag}.json")
+    payload["markdown"] = md
     write_results(f"alfworld_compare_{tag}", payload, out_dir=Path(args.out))
     print(md)
     return payload

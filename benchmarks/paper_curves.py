@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -41,7 +40,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from benchmarks._common import RESULTS_DIR, device_description, write_results
+from benchmarks._common import (RESULTS_DIR, device_description, fmt_mean_se, parse_seeds, read_json,
+                                write_json_atomic, write_results)
 from coso_jax import metrics as metrics_lib
 from coso_jax.rl.config import ALGOS, GYM_CARDS_ENVS, PRESETS, parse_overrides, preset
 
@@ -130,7 +130,7 @@ def run_grid(spec: GridSpec) -> dict[str, Any]:
                     # The SFT start's success, on the same evaluation envs as every final policy.
                     t_eval = time.perf_counter()
                     sft_eval = dict(trainer.evaluate(spec.eval_steps), sft=trainer.sft_summary)
-                    _write_json(sft_eval_path, sft_eval)
+                    write_json_atomic(sft_eval_path, sft_eval)
                     timings["sft_eval_wall_s"][env] = time.perf_counter() - t_eval
                 trainer.train()
                 final = trainer.evaluate(spec.eval_steps)
@@ -139,7 +139,7 @@ def run_grid(spec: GridSpec) -> dict[str, Any]:
             result = {"env": env, "algo": algo, "seed": seed, "final_eval": final,
                       "env_steps": trainer.rollout.total_env_steps,
                       "wall_s_this_invocation": time.perf_counter() - t0}
-            _write_json(run_dir / "result.json", result)
+            write_json_atomic(run_dir / "result.json", result)
             done[run] = result
             timings["runs_trained"] += 1
             timings["run_wall_s"]["/".join(map(str, run))] = result["wall_s_this_invocation"]
@@ -162,10 +162,10 @@ def _record_invocation(spec: GridSpec, timings: dict[str, Any]) -> None:
     """Appends one invocation's timings to <workdir>/grid_timings.json, so `--report_only` (and a
     later report) still states how long the grid took."""
     path = _timings_path(spec)
-    history = json.loads(path.read_text()) if path.exists() else []
+    history = read_json(path) or []
     history.append(dict(timings, finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                         load_avg_1min=os.getloadavg()[0]))
-    _write_json(path, history)
+    write_json_atomic(path, history)
 
 
 def _sft_dir(spec: GridSpec, config) -> Path:
@@ -175,15 +175,7 @@ def _sft_dir(spec: GridSpec, config) -> Path:
 
 
 def _read_result(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "result.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
+    return read_json(run_dir / "result.json")
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -209,7 +201,7 @@ def collect(spec: GridSpec) -> dict[str, Any]:
     for env in spec.envs:
         table[env], curves[env] = {}, {}
         sft_eval_path = Path(spec.workdir) / f"sft_eval_{env}.json"
-        sft_eval = json.loads(sft_eval_path.read_text()) if sft_eval_path.exists() else None
+        sft_eval = read_json(sft_eval_path)
         for algo in spec.algos:
             finals, peaks, last_train, runs = [], [], [], []
             for seed in spec.seeds:
@@ -263,11 +255,6 @@ def statement(env: str, row: dict[str, Any]) -> str:
     return f"{env}: " + "; ".join(parts) if parts else f"{env}: fewer than two algos with >= 2 seeds"
 
 
-def _fmt(ms: tuple[float, float]) -> str:
-    m, s = ms
-    return "n/a" if not math.isfinite(m) else f"{100 * m:.1f} ± {100 * s:.1f}"
-
-
 def markdown(spec: GridSpec, table: dict[str, Any], meta: dict[str, Any]) -> str:
     lines = [
         f"# gym_cards: CoSo vs entropy vs none ({spec.preset} preset)",
@@ -288,7 +275,7 @@ def markdown(spec: GridSpec, table: dict[str, Any], meta: dict[str, Any]) -> str
             cell = row[algo]
             lines.append(
                 f"| {env} | {algo} | {cell['seeds']} | {'n/a' if sft is None else f'{100 * sft:.1f}'} | "
-                f"{_fmt(tuple(cell['final_eval']))} | {_fmt(tuple(cell['peak_train_window']))} | "
+                f"{fmt_mean_se(tuple(cell['final_eval']))} | {fmt_mean_se(tuple(cell['peak_train_window']))} | "
                 f"{paper.get('rl4vlm_ppo', 'n/a') if algo == 'none' else ''} | "
                 f"{paper.get('sft_init', 'n/a') if algo == 'none' else ''} |")
     lines += ["", PAPER_NOTE, "", "## Separation (final success, ±1 SE bands)", ""]
@@ -299,9 +286,9 @@ def markdown(spec: GridSpec, table: dict[str, Any], meta: dict[str, Any]) -> str
 def web_panel(path: Path) -> tuple[dict[str, list], dict[str, Any]] | None:
     """The device-control panel from `python -m benchmarks.web --digirl`'s JSON, if it exists:
     online success per iteration vs online trajectories, per algo over seeds, and its test summary."""
-    if not path.exists():
+    data = read_json(path)
+    if data is None:
         return None
-    data = json.loads(path.read_text())
     curves: dict[str, list] = {}
     for run in data.get("runs", []):
         ys = np.asarray(run["online_success_per_iteration"], np.float64)
@@ -314,9 +301,9 @@ def alfworld_panel(path: Path) -> tuple[dict[str, list], dict[str, Any]] | None:
     """The ALFWorld panel from `python -m benchmarks.alfworld --compare`'s JSON, if it exists: the
     training success curve (success over the last `success_window` episodes) vs env steps per algo
     over seeds, and the JSON itself (its per-task-type `table`)."""
-    if not path.exists():
+    data = read_json(path)
+    if data is None:
         return None
-    data = json.loads(path.read_text())
     curves: dict[str, list] = {}
     for run in data.get("runs", []):
         xs = np.asarray(run["env_steps"], np.float64)
@@ -342,7 +329,7 @@ def alfworld_markdown(data: dict[str, Any], source: str) -> str:
             for name, row in rows.items():
                 label = "SFT start" if name == "sft_start" else name
                 md.append(f"| {label} | {row['seeds']} | " + " | ".join(
-                    _fmt(tuple(row[t][measure])) for t in types) + f" | {_fmt(tuple(row['average'][measure]))} |")
+                    fmt_mean_se(tuple(row[t][measure])) for t in types) + f" | {fmt_mean_se(tuple(row['average'][measure]))} |")
             if measure == "success":
                 for algo, avg in PAPER_ALFWORLD_AVERAGE.items():
                     md.append(f"| paper {'RL4VLM' if algo == 'rl4vlm' else 'CoSo'} (7B, different scale) | n/a | "
@@ -371,7 +358,7 @@ def report(spec: GridSpec, out_dir: Path, tag: str, timings: dict[str, Any] | No
         metrics_lib.plot_mean_se_panels(
             panels, png, ncols=2 if len(panels) > 1 else 1, xlabels={WEB_PANEL: "online trajectories"},
             title=f"{spec.preset} preset: success (mean ± SE over seeds)")
-    history = json.loads(_timings_path(spec).read_text()) if _timings_path(spec).exists() else []
+    history = read_json(_timings_path(spec)) or []
     if timings is None:  # --report_only: the latest invocation that trained something
         timings = history[-1] if history else {}
     wall = timings.get("grid_wall_s_this_invocation")
@@ -386,8 +373,8 @@ def report(spec: GridSpec, out_dir: Path, tag: str, timings: dict[str, Any] | No
         md += ("\n## Device control: web/general, DigiRL backbone (benchmarks/results/web_digirl_cpu.json)\n\n"
                "| algo | seeds | test success | online success |\n|---|---|---|---|\n")
         for algo, row in web[1].items():
-            md += (f"| {algo} | {len(row['seeds'])} | {_fmt((row['test_success_mean'], row['test_success_se']))} | "
-                   f"{_fmt((row['online_success_mean'], row['online_success_se']))} |\n")
+            md += (f"| {algo} | {len(row['seeds'])} | {fmt_mean_se((row['test_success_mean'], row['test_success_se']))} | "
+                   f"{fmt_mean_se((row['online_success_mean'], row['online_success_se']))} |\n")
     if alfworld is not None:
         md += alfworld_markdown(alfworld[1], str(alfworld_results))
     (out_dir / f"paper_curves_{tag}.md").write_text(md)
@@ -453,8 +440,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[GridSpec, argparse.Na
 
     envs, algos = split(args.envs, GYM_CARDS_ENVS, "envs"), split(args.algos, ALGOS, "algos")
     try:
-        seeds = tuple(range(int(args.seeds))) if "," not in args.seeds else tuple(
-            int(s) for s in args.seeds.split(","))
+        seeds = parse_seeds(args.seeds)
     except ValueError:
         parser.error(f"--seeds must be a count or a comma-separated list of ints, got {args.seeds!r}")
     if args.smoke:

@@ -162,10 +162,7 @@ class VectorRollout:
             valid = np.zeros(self.num_envs, np.bool_)
             labels = np.full(self.num_envs, -1, np.int32)
             for e, env in enumerate(self.envs):
-                if self._parse_takes_info:
-                    parsed = self.iface.parse(texts[e], self.parse_rng, info=self.infos[e])
-                else:
-                    parsed = self.iface.parse(texts[e], self.parse_rng)
+                parsed = self._parse(texts[e], e)
                 valid[e] = parsed.valid
                 if parsed.label is not None:
                     labels[e] = parsed.label
@@ -203,6 +200,12 @@ class VectorRollout:
                 on_step()
         return stats
 
+    def _parse(self, text: str, e: int):
+        """Env `e`'s parse of `text` (with its current info where the interface takes it)."""
+        if self._parse_takes_info:
+            return self.iface.parse(text, self.parse_rng, info=self.infos[e])
+        return self.iface.parse(text, self.parse_rng)
+
     def play_episodes(
         self,
         policy_fn: Callable[[dict[str, np.ndarray]], StepOutput],
@@ -235,10 +238,7 @@ class VectorRollout:
             out = policy_fn(self.current_inputs())
             texts, _, _ = self.decode(out.tokens, out.mask)
             for e in np.flatnonzero(active):
-                if self._parse_takes_info:
-                    parsed = self.iface.parse(texts[e], self.parse_rng, info=self.infos[e])
-                else:
-                    parsed = self.iface.parse(texts[e], self.parse_rng)
+                parsed = self._parse(texts[e], e)
                 obs, reward, terminated, truncated, info = self.envs[e].step(parsed.action)
                 self.episode_return[e] += reward
                 self.episode_length[e] += 1
