@@ -118,3 +118,33 @@ def test_trained_classifier_finds_the_keyword():
     # The windows that cover the keyword start at keyword - window + 1 .. keyword.
     hits = (argmax <= where[:64]) & (argmax > where[:64] - window)
     assert hits.mean() >= 0.8, hits.mean()
+
+
+def test_train_step_serves_new_classifiers_without_recompiling():
+    # A grid builds a new classifier and optimizer per run; one compiled step must serve them all
+    # (the optimizers share their optax transformation; a fresh one per run recompiled the step).
+    compiles = []
+
+    def on_event(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    step = make_train_step()
+    tokens, mask, labels, _ = keyword_texts(16, seed=3)
+    keys = [jax.random.key(i) for i in range(2)]
+    counts = []  # compiles during each classifier's two train steps
+    for seed in range(3):
+        model = CausalClassifier(ClassifierConfig.tiny(VOCAB, NUM_LABELS), rngs=nnx.Rngs(seed))
+        optimizer = make_optimizer(model, learning_rate=1e-3)
+        jax.monitoring.register_event_duration_secs_listener(on_event)
+        try:
+            for key in keys:
+                step(model, optimizer, tokens, mask, labels, key)
+        finally:
+            jax.monitoring.unregister_event_duration_listener(on_event)
+        counts.append(len(compiles))
+        compiles.clear()
+    assert counts[0] >= 1, counts  # the listener sees compiles at all
+    assert counts[1:] == [0, 0], counts
+    assert make_optimizer(model, 1e-3).tx is make_optimizer(model, 1e-3).tx
+    assert make_optimizer(model, 1e-3).tx is not make_optimizer(model, 1e-4).tx
