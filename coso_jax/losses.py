@@ -8,6 +8,8 @@ not NaN. Results are float32.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -144,6 +146,9 @@ def sequence_logprob(token_logprobs: jax.Array, mask: jax.Array,
     return (token_logprobs * scale).sum(axis=-1)
 
 
+# Jitted so the scan compiles once per rollout shape; called eagerly, lax.scan compiles its body
+# again on every call (~0.1 s per PPO iteration on the CPU).
+@functools.partial(jax.jit, static_argnames=("gamma", "lam"))
 def gae(rewards: jax.Array, values: jax.Array, dones: jax.Array, next_value: jax.Array,
         gamma: float, lam: float) -> tuple[jax.Array, jax.Array]:
     """Generalised advantage estimation over a time-major rollout.
