@@ -1,12 +1,14 @@
 """gym_cards envs: registration, rules (hand-written episodes with exact rewards), seeding,
-env_checker, vector envs, rendering."""
+env_checker, vector envs, rendering, and parity with the RL4VLM reference (docs/deviations.md)."""
 from __future__ import annotations
 
 import time
+from fractions import Fraction
 
 import gymnasium as gym
 import numpy as np
 import pytest
+from gymnasium.utils import seeding
 from gymnasium.utils.env_checker import check_env
 
 import coso_jax.envs as envs
@@ -137,6 +139,7 @@ def test_numberline_upper_wall_and_info():
 
 
 def test_numberline_reset_never_starts_on_target():
+    # Shared with the reference, whose reset() applies the same fix (not only its __init__).
     env = NumberLineEnv()
     pairs = set()
     for seed in range(300):
@@ -260,8 +263,8 @@ def test_formula_evaluator():
 
 
 # --- Blackjack ---------------------------------------------------------------------------------
-def bj_env(dealer, player, draws=()):
-    env = BlackjackEnv()
+def bj_env(dealer, player, draws=(), **kwargs):
+    env = BlackjackEnv(**kwargs)
     env.reset(seed=0)
     env.dealer = [list(c) for c in dealer]
     env.player = [list(c) for c in player]
@@ -361,3 +364,161 @@ def test_env_state_pickles_and_resumes(name):
     other.__dict__.update(state)
     a, b = env.step(0), other.step(0)
     assert np.array_equal(a[0], b[0]) and a[1:4] == b[1:4] and repr(a[4]) == repr(b[4])
+
+
+# --- parity with the RL4VLM reference (docs/deviations.md) -----------------------------------
+def reference_points_reward(numbers, tokens, target):
+    """The reference's reward for pressing "=", transcribed from reference_envs.md §1.2 step 3
+    (§1.3: the same for Points24): Python `eval` of the tokens joined without separators,
+    +10 if the value == target else -1, -1 if eval raises, and -1 unless every card was used.
+    Independent of coso_jax; only ever given the fixed literal formulas below."""
+    used = [int(t) for t in tokens if t.isdigit()]
+    assert sorted(used) == sorted(numbers)  # the formulas below use each card once
+    try:
+        reward = 10.0 if eval("".join(tokens), {"__builtins__": {}}, {}) == target else -1.0
+    except Exception:
+        reward = -1.0
+    return reward if len(used) == len(numbers) else -1.0
+
+
+def points_reward(env_name, ranks, tokens, **kwargs):
+    """Our reward for entering `tokens` then "=" on a hand-set deal (env built by gym.make with kwargs)."""
+    env = gym.make(f"coso_jax/{env_name}-v0", **kwargs).unwrapped
+    env.reset(seed=0)
+    env.set_state(ranks)
+    actions = env.action_names
+    results = play(env, [actions.index(t) for t in tokens] + [actions.index("=")])
+    assert results[:-1] == [(0.0, False, False)] * len(tokens) and results[-1][1:] == (True, False)
+    return results[-1][0]
+
+
+# Issue #22 item 5: a power with a non-integer exponent. Upstream (float eval): +10 for both.
+# Ours by default: such an exponent is refused, so the formula fails (-1).
+FRACTIONAL_POWER_CASES = [([4, 3, 2, 3], "4 * * ( 3 / 2 ) * 3", Fraction(3, 2)),
+                          ([9, 2, 8, 1], "9 * * ( 1 / 2 ) * 8", Fraction(1, 2))]
+
+
+@pytest.mark.parametrize("ranks,formula,exponent", FRACTIONAL_POWER_CASES)
+def test_points24_fractional_power_reference_and_default(ranks, formula, exponent):
+    tokens = formula.split()
+    upstream = reference_points_reward(ranks, tokens, 24)
+    assert upstream == 10.0  # the upstream number (4 ** 1.5 * 3 == 24.0, 9 ** 0.5 * 8 == 24.0)
+    ours_default = -1.0 if exponent.denominator != 1 else None  # our rule: non-integer exponent -> refused
+    assert points_reward("Points24", ranks, tokens) == ours_default
+    assert points_reward("Points24", ranks, tokens, allow_fractional_powers=False) == ours_default
+    assert points_reward("Points24", ranks, tokens, allow_fractional_powers=True) == upstream
+
+
+def test_points24_fractional_powers_match_reference_eval():
+    """With allow_fractional_powers=True, every formula holding a fractional power scores as upstream
+    (including negative bases, whose float power is complex, and near-misses of 24)."""
+    templates = ["a * * ( b / c ) * d", "a * * ( b / c ) + d", "( a - b ) * * ( c / d )",
+                 "d / a * * ( b / c )", "( a + d ) * * ( b / c )", "a * * ( b / c ) - d"]
+    rng = np.random.default_rng(0)
+    checked = wins = 0
+    for _ in range(400):
+        template = templates[int(rng.integers(len(templates)))]
+        a, b, c, d = (int(v) for v in rng.integers(1, 11, size=4))
+        exponent = Fraction(c, d) if template.startswith("( a - b )") else Fraction(b, c)
+        if exponent.denominator == 1:
+            continue  # only formulas with a fractional power
+        tokens = template.replace("a", str(a)).replace("b", str(b)).replace("c", str(c)).replace("d", str(d)).split()
+        upstream = reference_points_reward([a, b, c, d], tokens, 24)
+        assert points_reward("Points24", [a, b, c, d], tokens, allow_fractional_powers=True) == upstream, tokens
+        assert points_reward("Points24", [a, b, c, d], tokens) == -1.0, tokens
+        checked += 1
+        wins += upstream > 0
+    assert checked > 200 and wins >= 1
+
+
+def test_points24_exact_division_is_a_kept_difference():
+    # Documented improvement: exact fractions for "/" (upstream float eval misses 24 by rounding).
+    ranks, tokens = [8, 3, 8, 3], "8 / ( 3 - 8 / 3 )".split()
+    assert reference_points_reward(ranks, tokens, 24) == -1.0
+    for flag in (False, True):
+        assert points_reward("Points24", ranks, tokens, allow_fractional_powers=flag) == 10.0
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_ezpoints_shares_the_evaluator(flag):
+    """EZPoints has no "/" or parentheses, so its exponents are integers: the keyword changes nothing
+    and its rewards equal upstream's for these formulas (concatenation quirk included)."""
+    for ranks, formula in (([6, 2], "6 * 2"), ([6, 2], "6 * * 2"), ([1, 2], "1 2"), ([3, 4], "3 * 4"),
+                           ([2, 10], "2 * * 10"), ([5, 7], "5 + 7"), ([5, 7], "7 * * 5")):
+        tokens = formula.split()
+        assert points_reward("EZPoints", ranks, tokens, allow_fractional_powers=flag) == \
+            reference_points_reward([min(r, 10) for r in ranks], tokens, 12), formula
+
+
+def test_formula_evaluator_fractional_powers():
+    from coso_jax.envs.gym_cards.formula import FractionalPowerError
+
+    with pytest.raises(FractionalPowerError):
+        evaluate("4**(3/2)")
+    assert evaluate("4**(3/2)*3", allow_fractional_powers=True) == 24
+    assert isinstance(evaluate("(1-3)**(1/2)", allow_fractional_powers=True), complex)
+    assert evaluate("8/(3-8/3)", allow_fractional_powers=True) == 24  # no fractional power: still exact
+    # float division by zero, a refused integer power inside, complex floor division, float overflow
+    for bad in ("2**(1/2)//(1-1)", "10**(1/2)**(10**10)", "(1-3)**(1/2)//2", "(10*10)**(1010/3)"):
+        with pytest.raises(FormulaError):
+            evaluate(bad, allow_fractional_powers=True)
+
+
+# Issue #22 item 6: the reference lays player cards 70x98 at x = 5 + 74 k (k = 0..4) from y = 150, then a
+# second row at y = 150 + 98 + 4 (reference_envs.md §1.4): the fifth card starts at x = 301, off the image.
+REF_X = [5 + 74 * k for k in range(5)]
+REF_ROW2_Y = 150 + 98 + 4
+
+
+def test_blackjack_reference_render_hides_fifth_card():
+    assert REF_X[4] >= 300 and REF_ROW2_Y + 98 > 300
+    dealer, four, fifth, sixth = [KS, c(7)], [c(2), c(3), c(2, "H"), c(3, "D")], c(4, "H"), c(5, "S")
+
+    def render(hand, reference):
+        return bj_env(dealer, hand, reference_render=reference).render()
+
+    # reference setting: the fifth card leaves no pixel on the image ...
+    assert np.array_equal(render(four, True), render(four + [fifth], True))
+    # ... and a sixth card shows only its top 300 - 252 = 48 rows, at (5, 252)
+    six = render(four + [fifth, sixth], True)
+    visible = 300 - REF_ROW2_Y
+    assert np.array_equal(six[REF_ROW2_Y:, 5:5 + 70], R.card_face("5", "S", 70, 98)[:visible])
+    assert np.array_equal(six[:REF_ROW2_Y], render(four, True)[:REF_ROW2_Y])
+    # ours (default): the fifth card is drawn
+    assert not np.array_equal(render(four, False), render(four + [fifth], False))
+    assert not np.array_equal(render(four + [fifth], True), render(four + [fifth], False))
+    # up to four cards both layouts agree (x = 5, 79, 153, 227)
+    assert np.array_equal(render(four, False), render(four, True))
+
+
+def test_blackjack_reference_render_is_a_gym_make_kwarg():
+    env = gym.make("coso_jax/Blackjack-v0", reference_render=True)
+    assert env.unwrapped.reference_render is True
+    assert gym.make("coso_jax/Blackjack-v0").unwrapped.reference_render is False
+    check_env(env.unwrapped, skip_render_check=True)
+    points = gym.make("coso_jax/Points24-v0", allow_fractional_powers=True)
+    assert points.unwrapped.allow_fractional_powers is True
+    assert gym.make("coso_jax/EZPoints-v0").unwrapped.allow_fractional_powers is False
+
+
+def test_blackjack_player_card_positions():
+    from coso_jax.envs.gym_cards.blackjack import player_card_positions
+
+    assert player_card_positions(7, reference=True) == [(x, 150) for x in REF_X] + [(5, REF_ROW2_Y), (79, REF_ROW2_Y)]
+    ours = player_card_positions(7)
+    assert all(0 <= x and x + 70 <= 300 and y == 150 for x, y in ours)  # every card fully on the image
+
+
+# Issue #22 item 7: the reference's reset() draws start and target uniformly from 0..5 and, if they are
+# equal, sets target := (target + 1) % 5 (reference_envs.md §1.1) -- at every reset, as ours does.
+def test_numberline_reset_applies_the_reference_rule():
+    env = NumberLineEnv()
+    fixed = 0
+    for seed in range(200):
+        _, info = env.reset(seed=seed)
+        rng, _ = seeding.np_random(seed)  # our stream (the reference's was unseeded `random`)
+        start, target = int(rng.integers(0, 6)), int(rng.integers(0, 6))
+        if start == target:
+            target, fixed = (target + 1) % 5, fixed + 1
+        assert (info["current"], info["target"]) == (start, target)
+    assert fixed > 10

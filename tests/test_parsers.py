@@ -225,3 +225,43 @@ def test_parse_fuzz(name):
         if a0 < a1:
             assert text[a0:a0 + 9].lower() == '"action":'
     assert 500 < n_valid < 9_500  # the fuzz exercises both outcomes
+
+
+# --- one parse protocol for every env family -------------------------------------------------
+def _all_interfaces():
+    from coso_jax.envs.web import text_interface as web_text_interface
+
+    return [text_interface(n) for n in GAMES] + [text_interface("ALFWorld"), web_text_interface()]
+
+
+def test_every_parse_has_the_protocol_signature():
+    """`parse(text, rng=None, info=None)`: the same three leading positional parameters everywhere."""
+    import inspect
+
+    for iface in _all_interfaces():
+        params = list(inspect.signature(iface.parse).parameters.values())
+        assert [p.name for p in params[:3]] == ["text", "rng", "info"], type(iface).__name__
+        assert all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params[:3])
+        assert params[1].default is None and params[2].default is None
+        assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[3:])
+
+
+def test_every_parse_takes_info_positionally_and_never_raises():
+    rng = np.random.default_rng(0)
+    alf_info = {"admissible_commands": ["go to desk 1", "look"]}
+    for iface in _all_interfaces():
+        name = type(iface).__name__
+        info = alf_info if name == "ALFWorldText" else {"anything": 1}
+        for text in (None, "", "garbage", 7, '{"action": "look"}', "\ud800", '"action": "hit"'):
+            parsed = iface.parse(text, rng, info)
+            assert isinstance(parsed, ParsedAction), name
+            if not parsed.valid:
+                assert parsed.label is None and parsed.matched is None, name
+        if iface.invalid_policy.mode == "penalty":  # no random fallback: rng may be None
+            assert not iface.parse("garbage", None, info).valid
+    # info is what makes an ALFWorld answer valid; gym_cards ignore it
+    alf = text_interface("ALFWorld")
+    assert alf.parse('{"action": "look"}', None, alf_info).action == 1
+    assert not alf.parse('{"action": "look"}', None, None).valid
+    nl = text_interface("NumberLine")
+    assert nl.parse(act("+"), None, {"target": 3}) == nl.parse(act("+"), None)

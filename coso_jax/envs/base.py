@@ -3,8 +3,26 @@
 A policy answers in free text; the env's `TextInterface` turns an observation's `info` into a
 prompt, parses an answer into an env action, labels the action for the causal classifier, and
 splits the answer into its thought part and its action part (character offsets, so the CoT
-log-prob scaling never depends on token ids). Every env family (gym_cards, later text worlds and
-web control) implements this protocol; the online trainer only talks to it.
+log-prob scaling never depends on token ids). Every env family (gym_cards, ALFWorld, web control)
+implements this protocol; the online trainer only talks to it.
+
+The protocol (also in docs/contracts.md), one signature for every env:
+
+  prompt(info, cot=True, brief=False) -> str
+  parse(text, rng=None, info=None) -> ParsedAction
+  spans(text) -> ActionSpans
+  action_label(parsed) -> int | None
+
+- `info` is the env's info dict of the state the answer responds to: the one returned by the
+  `reset()` / `step()` that produced the observation the prompt was built from. Envs whose legal
+  actions change every step read them from it (ALFWorld: `info["admissible_commands"]`); the
+  others (gym_cards, web) ignore it, so passing it is always correct and `None` is fine for them.
+- `rng` (an `np.random.Generator`) is used only when an invalid answer maps to a random legal
+  action (`InvalidActionPolicy(mode="random")`); it may be None otherwise. A None rng in random
+  mode is a caller error (ValueError), the one exception `parse` may raise.
+- `parse` never raises on model output: any text (also None, non-strings, garbage) gives a
+  `ParsedAction`, with `valid=False` and the configured fallback action when it names no legal
+  action.
 
 `ChoiceTextInterface` implements the RL4VLM gym_cards parsing rule for a fixed list of action
 names:
@@ -21,7 +39,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import re
-from typing import Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -43,13 +61,18 @@ _ACTION_KEY_RE = re.compile(re.escape(ACTION_KEY), re.IGNORECASE | re.ASCII)
 
 @dataclasses.dataclass(frozen=True)
 class ParsedAction:
-    """Result of parsing one answer.
+    """Result of parsing one answer (frozen; env families may subclass it to carry more).
 
     Attributes:
-      action: the env action to take; always legal (for invalid text: the policy's fallback).
-      valid: whether the text named exactly one legal action after the action key.
-      label: the class label for the causal classifier; None when `valid` is False.
-      matched: the action name found in the text; None when `valid` is False.
+      action: what the env is stepped with; always something the env accepts (for an invalid
+        answer: the invalid-action policy's fallback). gym_cards: the `Discrete` action index.
+        ALFWorld: an index into `info["admissible_commands"]`, or `INADMISSIBLE` (-1) for an
+        invalid answer in "penalty" mode (the env then does nothing and gives -1). Web: the
+        `ActionType` value (`WebParsedAction.autoui` holds the full action with points / text).
+      valid: whether the text named exactly one legal action (per the env's parsing rule).
+      label: the class label for the causal classifier (an index into `label_names`); None when
+        `valid` is False (ALFWorld: also None for a command with an unknown verb).
+      matched: the action name / command found in the text; None when `valid` is False.
     """
 
     action: int
@@ -113,8 +136,9 @@ def action_spans(text: str) -> ActionSpans:
 class TextInterface(abc.ABC):
     """Protocol between a text policy and one environment (see the module docstring).
 
-    Subclasses set `name`, `action_names` (index = env action), `label_names` and implement
-    `prompt` and `parse`.
+    Subclasses set `name`, `action_names` (index = env action; ALFWorld: its verbs, as its legal
+    actions change per step), `label_names`, `invalid_policy` and implement `prompt` and `parse`
+    with the signatures below.
     """
 
     name: str
@@ -144,8 +168,17 @@ class TextInterface(abc.ABC):
         """
 
     @abc.abstractmethod
-    def parse(self, text: str, rng: np.random.Generator) -> ParsedAction:
-        """Parses an answer into an env action. Never raises."""
+    def parse(self, text: str, rng: np.random.Generator | None = None,
+              info: Mapping[str, Any] | None = None) -> ParsedAction:
+        """Parses an answer into an env action. Never raises on model output.
+
+        Args:
+          text: the model's answer (anything else is treated as invalid text).
+          rng: draws the random legal action of an invalid answer in "random" mode; may be None
+            otherwise (None in random mode raises ValueError: a caller error).
+          info: the env's info dict of the state being answered (see the module docstring);
+            envs with fixed action sets ignore it.
+        """
 
     def action_label(self, parsed: ParsedAction) -> int | None:
         """Class label of a parsed action for the causal classifier (None when invalid)."""
@@ -208,7 +241,10 @@ class ChoiceTextInterface(TextInterface):
                 found.append(self.action_names[i])
         return found
 
-    def parse(self, text: str, rng: np.random.Generator | None = None) -> ParsedAction:
+    def parse(self, text: str, rng: np.random.Generator | None = None,
+              info: Mapping[str, Any] | None = None) -> ParsedAction:
+        """The matching rule of the module docstring; `info` is not needed (fixed action set)."""
+        del info
         try:
             if not isinstance(text, str):
                 text = "" if text is None else str(text)

@@ -1,5 +1,6 @@
 """ALFWorld-style household text worlds, generated offline from the installed `alfworld` package.
 
+- `game`: the `Game` record and the task-type / split names every module below shares.
 - `generator.generate(seed, task_type, split) -> Game`: a scene from ALFWorld's layouts, objects
   placed by its canContain table, a goal from its goal library; planner-checked (walkthrough kept).
 - `pools`: fixed train / test / unseen pools, cached on disk.
@@ -11,6 +12,7 @@
 Needs `alfworld==0.4.2` (the `alfworld` and `test` extras of pyproject.toml). Importing this package
 does not import alfworld; the modules that need it raise an ImportError with the install hint.
 """
-from coso_jax.envs.alfworld.generator import SPLITS, TASK_ALIASES, TASK_TYPES, Game, GenerationError, generate
+from coso_jax.envs.alfworld.game import SPLITS, TASK_ALIASES, TASK_TYPES, Game
+from coso_jax.envs.alfworld.generator import GenerationError, generate
 
 __all__ = ["SPLITS", "TASK_ALIASES", "TASK_TYPES", "Game", "GenerationError", "generate"]

@@ -21,7 +21,7 @@ import numpy as np
 
 from coso_jax.envs.alfworld import pools
 from coso_jax.envs.alfworld.env import ALFWorldEnv
-from coso_jax.envs.alfworld.generator import TASK_TYPES, Game, task_type_name
+from coso_jax.envs.alfworld.game import TASK_TYPES, Game, task_type_name
 from coso_jax.envs.alfworld.text import ALFWorldText, format_answer
 
 __all__ = ["generate", "thoughts_for"]

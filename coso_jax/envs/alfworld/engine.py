@@ -31,7 +31,7 @@ import tempfile
 from typing import Iterable
 
 from coso_jax.envs.alfworld import data
-from coso_jax.envs.alfworld.generator import TASK_TYPES, Game, display_name
+from coso_jax.envs.alfworld.game import TASK_TYPES, Game, display_name
 
 __all__ = ["Engine", "fast_mode", "sas_disk_cache", "install_fast_path", "clear_memory_caches", "progress",
            "subgoals", "goal_met"]

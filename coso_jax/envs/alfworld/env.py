@@ -35,7 +35,7 @@ import numpy as np
 from gymnasium import spaces
 
 from coso_jax.envs.alfworld import data, engine, official, pools, render
-from coso_jax.envs.alfworld.generator import SPLITS, TASK_TYPES, Game, task_type_name
+from coso_jax.envs.alfworld.game import SPLITS, TASK_TYPES, Game, task_type_name
 from coso_jax.envs.alfworld.text import INADMISSIBLE
 
 __all__ = ["ALFWorldEnv", "MAX_STEPS", "WIN_REWARD", "INADMISSIBLE_PENALTY"]

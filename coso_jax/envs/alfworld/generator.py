@@ -4,7 +4,9 @@ canContain table, a goal from ALFWorld's goal library, checked solvable by the F
 `generate(seed, task_type, split="train") -> Game` is deterministic per (seed, task_type, split).
 A `Game` holds our own record of the world (receptacles, objects, positions for the schematic
 image) plus the PDDL problem that TextWorld's `PddlEnv` plays (`Game.tw_game()`), and the planner's
-plan as `walkthrough` (verified at generation: playing it wins).
+plan as `walkthrough` (verified at generation: playing it wins). `Game` and the task-type names live
+in `game.py` (re-exported here); `plan_and_check(game)` is the planner check that `official.py` also
+uses for games without a stored walkthrough.
 
 Splits: "train" and "test" draw from ALFWorld's training scenes with distinct random streams;
 "unseen" draws from ALFWorld's held-out scenes (`TEST_SCENE_NUMBERS`: FloorPlan 1-6, 201-206,
@@ -13,12 +15,11 @@ Splits: "train" and "test" draw from ALFWorld's training scenes with distinct ra
 from __future__ import annotations
 
 import dataclasses
-import json
-from typing import Any
 
 import numpy as np
 
-from coso_jax.envs.alfworld import data
+from coso_jax.envs.alfworld import data, engine
+from coso_jax.envs.alfworld.game import SPLITS, TASK_ALIASES, TASK_TYPES, Game, display_name, task_type_name
 
 __all__ = [
     "TASK_TYPES",
@@ -30,21 +31,11 @@ __all__ = [
     "generate",
     "scenes_for",
     "display_name",
+    "problem_text",
+    "relevant_subgame",
+    "planning_engines",
+    "plan_and_check",
 ]
-
-# ALFWorld's 6 task types (its 7th, pick_and_place_with_movable_recep, is not in the text benchmark).
-TASK_TYPES = (
-    "pick_and_place_simple",
-    "look_at_obj_in_light",
-    "pick_clean_then_place_in_recep",
-    "pick_heat_then_place_in_recep",
-    "pick_cool_then_place_in_recep",
-    "pick_two_obj_and_place",
-)
-# The short names ALFWorld's result tables use.
-TASK_ALIASES = {"pick": TASK_TYPES[0], "look": TASK_TYPES[1], "clean": TASK_TYPES[2],
-                "heat": TASK_TYPES[3], "cool": TASK_TYPES[4], "pick2": TASK_TYPES[5]}
-SPLITS = ("train", "test", "unseen")
 
 MAX_RECEPTACLES = 18     # receptacle instances kept per game (load/plan time grows with it)
 MAX_OBJECT_TYPES = 8     # pickupable types per game, the task's type included
@@ -65,75 +56,6 @@ _PROPERTY_SET = {TASK_TYPES[2]: "Cleanable", TASK_TYPES[3]: "Heatable", TASK_TYP
 
 class GenerationError(RuntimeError):
     """No solvable game could be made for this (seed, task type, split)."""
-
-
-def task_type_name(task_type: str) -> str:
-    """Full ALFWorld task-type name from a full name, a short alias ('heat') or an index string."""
-    t = str(task_type).strip()
-    if t in TASK_TYPES:
-        return t
-    if t.lower() in TASK_ALIASES:
-        return TASK_ALIASES[t.lower()]
-    raise ValueError(f"unknown task type {task_type!r}; known: {TASK_TYPES} or {tuple(TASK_ALIASES)}")
-
-
-def display_name(entity_id: str) -> str:
-    """'apple_2' -> 'apple 2' (the name the text uses); other ids unchanged."""
-    head, _, tail = entity_id.rpartition("_")
-    return f"{head} {tail}" if head and tail.isdigit() else entity_id
-
-
-@dataclasses.dataclass(frozen=True)
-class Game:
-    """One generated game. Ids are lower-case `type_k` (`apple_2`); types are ALFRED names.
-
-    Attributes:
-      receptacles: {receptacle id: type}; positions: {receptacle id: (x, z) or None}.
-      objects: {object id: type}; locations: {object id: receptacle id it starts in}.
-      task: the task text ("put a clean mug in cabinet"); obj/recep/toggle: the goal's types.
-      walkthrough: the planner's plan, verified to win.
-    """
-
-    seed: int
-    split: str
-    task_type: str
-    scene: int
-    task: str
-    obj: str
-    recep: str | None
-    toggle: str | None
-    receptacles: dict[str, str]
-    positions: dict[str, tuple[float, float] | None]
-    objects: dict[str, str]
-    locations: dict[str, str]
-    pddl_problem: str
-    walkthrough: tuple[str, ...]
-
-    @property
-    def key(self) -> str:
-        return f"{self.split}/{self.task_type}/{self.seed}"
-
-    def tw_game(self) -> dict[str, Any]:
-        """The game as TextWorld's `PddlEnv.load` reads it (what ALFWorld stores as game.tw-pddl)."""
-        grammar = data.grammar_text().replace("UNKNOWN GOAL", self.task)
-        return {"pddl_domain": data.domain_text(), "grammar": grammar, "pddl_problem": self.pddl_problem,
-                "walkthrough": list(self.walkthrough), "solvable": True}
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["positions"] = {k: (list(v) if v is not None else None) for k, v in self.positions.items()}
-        d["walkthrough"] = list(self.walkthrough)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Game":
-        d = dict(d)
-        d["positions"] = {k: (tuple(v) if v is not None else None) for k, v in d["positions"].items()}
-        d["walkthrough"] = tuple(d["walkthrough"])
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
 
 
 # ----------------------------------------------------------------------------- tables
@@ -359,7 +281,7 @@ def generate(seed: int, task_type: str, split: str = "train", *, verify: bool = 
         if not verify:
             return game
         try:
-            plan = _plan_and_check(game)
+            plan = plan_and_check(game)
         except Exception as e:  # translation errors (KeyError 'val1' = unsolvable), planner failures
             last_err = e
             continue
@@ -368,7 +290,7 @@ def generate(seed: int, task_type: str, split: str = "train", *, verify: bool = 
     raise GenerationError(f"no solvable game for seed={seed} task={task_type} split={split}: {last_err!r}")
 
 
-def _relevant_subgame(game: Game) -> Game:
+def relevant_subgame(game: Game) -> Game:
     """The game cut down to what its goal involves, for the planner.
 
     Fast Downward's replanner here is a blind (uniform-cost) search, exponential in the plan
@@ -393,24 +315,24 @@ def _relevant_subgame(game: Game) -> Game:
 _ENGINES: dict = {}
 
 
-def _engines():
-    """This process's two generation engines (reused: each engine holds its own copy of Fast
-    Downward's library, which is never unloaded, so new engines per game would pile up)."""
-    from coso_jax.envs.alfworld import engine
+def planning_engines() -> tuple[engine.Engine, engine.Engine]:
+    """This process's two planning engines, (sub-game engine, full-game engine), fast path on.
 
+    Reused, never rebuilt: each engine holds its own copy of Fast Downward's library, which is never
+    unloaded, so new engines per game would pile up. Callers use them one game at a time.
+    """
     if not _ENGINES:
         _ENGINES["sub"] = engine.Engine(fast=True)
         _ENGINES["full"] = engine.Engine(fast=True)
     return _ENGINES["sub"], _ENGINES["full"]
 
 
-def _plan_and_check(game: Game) -> list[str] | None:
-    """The planner's plan (on the relevant sub-game) if playing it on the full game wins."""
-    from coso_jax.envs.alfworld import engine
-
-    sub, eng = _engines()
+def plan_and_check(game: Game) -> list[str] | None:
+    """The planner's plan for `game`, found on `relevant_subgame(game)` and kept only if playing it on
+    the full game wins with progress 1; None otherwise. Translation / planner errors propagate."""
+    sub, eng = planning_engines()
     with engine.sas_disk_cache(None):  # the cut-down game is never played again: keep it off disk
-        sub.load(_relevant_subgame(game), plan=True)
+        sub.load(relevant_subgame(game), plan=True)
     plan = list(sub.planned or [])
     if not plan:
         return None

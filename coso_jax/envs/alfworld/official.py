@@ -48,7 +48,8 @@ import re
 from typing import Any, Iterable
 
 from coso_jax.envs.alfworld import data
-from coso_jax.envs.alfworld.generator import SPLITS, TASK_TYPES, Game, display_name, task_type_name
+from coso_jax.envs.alfworld import engine, generator
+from coso_jax.envs.alfworld.game import SPLITS, TASK_TYPES, Game, display_name, task_type_name
 
 __all__ = ["DATA_ENV", "SPLIT_DIRS", "GAME_FILE", "TRAJ_FILE", "OfficialDataError", "OfficialGame", "Entry",
            "OfficialData", "data_root", "discover", "clear_cache", "load", "game_from_dict", "alfworld_ids",
@@ -452,17 +453,15 @@ def _load(entry: Entry, goal_text: str, plan: bool) -> OfficialGame:
 def _plan(game: OfficialGame) -> tuple[str, ...]:
     """The planner's walkthrough: on the game cut down to its goal's entities (fast), else on the full
     game (Fast Downward's blind search: can be slow on large games); () if no plan wins."""
-    from coso_jax.envs.alfworld import engine, generator
-
     goal_objs = [o for o, t in game.objects.items() if t in (game.obj, game.toggle)]
     if all(o in game.locations for o in goal_objs):
         try:
-            plan = generator._plan_and_check(game)
+            plan = generator.plan_and_check(game)
         except Exception:  # translation failure of the cut-down problem
             plan = None
         if plan:
             return tuple(plan)
-    _, eng = generator._engines()
+    _, eng = generator.planning_engines()
     try:
         eng.load(game, plan=True)
         plan = list(eng.planned or [])

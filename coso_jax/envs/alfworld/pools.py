@@ -21,7 +21,8 @@ import os
 import tempfile
 from typing import Iterable
 
-from coso_jax.envs.alfworld.generator import SPLITS, TASK_TYPES, Game, generate, task_type_name
+from coso_jax.envs.alfworld.game import SPLITS, TASK_TYPES, Game, task_type_name
+from coso_jax.envs.alfworld.generator import generate
 
 __all__ = ["GENERATOR_VERSION", "default_cache_dir", "game_path", "sas_dir", "load_game", "pool", "build"]
 

@@ -17,7 +17,7 @@ import textwrap
 import numpy as np
 from PIL import Image, ImageDraw
 
-from coso_jax.envs.alfworld.generator import Game, display_name
+from coso_jax.envs.alfworld.game import Game, display_name
 from coso_jax.envs.gym_cards.render import font
 
 __all__ = ["CANVAS", "grid_shape", "grid_cells", "draw_state"]

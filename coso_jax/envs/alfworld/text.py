@@ -1,8 +1,9 @@
 """The text interface of the ALFWorld env: prompt, parser, action label (the command's verb).
 
 Unlike the gym_cards games, the legal actions change every step: they are the state's admissible
-commands (`info["admissible_commands"]`). So `parse` takes the current `info` (or the command list)
-as a keyword argument, and `ParsedAction.action` is an index into that list:
+commands (`info["admissible_commands"]`). So `parse(text, rng=None, info=None)` (the protocol of
+`coso_jax.envs.base`) reads them from `info` (or from the keyword `admissible=`, a command list, which
+wins), and `ParsedAction.action` is an index into that list:
 
   1. look at the text from the first `"action":` key (ASCII case-insensitive) to the end,
      lower-cased, runs of white space collapsed;
@@ -114,9 +115,17 @@ class ALFWorldText(TextInterface):
                 start = rest.find(c, start + 1)
         return best[2] if best is not None else None
 
-    def parse(self, text: str, rng: np.random.Generator | None = None, *, info: Mapping[str, Any] | None = None,
-              admissible: Sequence[str] | None = None) -> ParsedAction:
-        """Parses an answer against the current admissible commands (`info=` or `admissible=`). Never raises."""
+    def parse(self, text: str, rng: np.random.Generator | None = None, info: Mapping[str, Any] | None = None,
+              *, admissible: Sequence[str] | None = None) -> ParsedAction:
+        """Parses an answer against the current admissible commands. Never raises on model output.
+
+        Args:
+          text: the model's answer.
+          rng: draws the random admissible command of an invalid answer in "random" mode.
+          info: the env's info of the state being answered; its "admissible_commands" are the legal
+            actions (no info and no `admissible`: nothing is admissible, so the answer is invalid).
+          admissible: the command list itself (overrides `info`).
+        """
         try:
             if admissible is None:
                 admissible = list((info or {}).get("admissible_commands", []))

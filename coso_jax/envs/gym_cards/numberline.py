@@ -7,8 +7,11 @@ target numbers are drawn independently and uniformly; if they are equal the targ
 is reached; -1 when the distance did not shrink (a wrong move or a bump into a wall); 0 otherwise.
 The episode is truncated after 2 * max_position steps without reaching the target.
 
-The reference re-fixed equal start/target only in `__init__` (and, by mistake, after a step); we
-apply its intended rule at every reset, so an episode never starts on its target.
+The reference applies the same rule at construction and in every `reset()`, so an episode never
+starts on its target there either (shared behaviour, not a difference). Its `step()` repeats the
+check, which cannot fire after a reset (start and target already differ and neither is redrawn);
+we leave it out. What differs is the random stream: the reference drew with Python's unseeded
+global `random`, we draw from the env's seeded `np_random` (docs/deviations.md).
 """
 from __future__ import annotations
 

@@ -12,7 +12,13 @@ Rules (RL4VLM gym_cards EZPoints-v0 / Points24-v0); J, Q and K count as 10:
   used more often than it appears among the cards appends a blank token (so the formula still
   grows) and gives -1; (3) "=" ends the episode: +10 if the formula's value equals the target and
   every card was used, else -1 ("=" is not appended); (4) any other token is appended, reward 0.
-- The formula is evaluated exactly (see `formula.py`), unlike the reference's float `eval`.
+- The formula is evaluated exactly (see `formula.py`), unlike the reference's float `eval`: `/`,
+  `//` and negative integer powers are exact fractions (8 / (3 - 8 / 3) makes 24 here, not in the
+  reference). A power with a non-integer exponent is refused (-1) by default; the constructor
+  keyword `allow_fractional_powers=True` (a `gym.make` kwarg) evaluates such a formula with Python
+  floats, as the reference did, so 4 ** (3 / 2) * 3 with cards 4, 3, 2, 3 wins +10 as there.
+  EZPoints has no "/" or parentheses, so its exponents are always integers and the keyword changes
+  nothing there (it is accepted for uniformity). docs/deviations.md lists every difference.
 
 info: {"cards": ["5H", "KD", ...] (rank + suit), "numbers": [5, 10, ...] (card values),
 "formula": [tokens so far; " " marks a refused number]}.
@@ -51,10 +57,16 @@ class PointsEnv(gym.Env):
     max_formula_len: int = 0
     success_reward: float = 10.0
 
-    def __init__(self, render_mode: str | None = None) -> None:
+    def __init__(self, render_mode: str | None = None, allow_fractional_powers: bool = False) -> None:
+        """Args:
+          render_mode: None or "rgb_array" (observations are always the 300x300 RGB image).
+          allow_fractional_powers: False (ours): a formula with a non-integer exponent fails (-1);
+            True (the reference): it is evaluated with Python floats (see `formula.py`).
+        """
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         self.render_mode = render_mode
+        self.allow_fractional_powers = bool(allow_fractional_powers)
         self.action_space = spaces.Discrete(len(self.action_names))
         self.observation_space = spaces.Box(0, 255, (R.CANVAS, R.CANVAS, 3), np.uint8)
         self.cards: list[str] = []
@@ -141,7 +153,8 @@ class PointsEnv(gym.Env):
             self.used.append(value)
         if token == "=":
             try:
-                ok = evaluate(self.formula) == self.target
+                result = evaluate(self.formula, allow_fractional_powers=self.allow_fractional_powers)
+                ok = result == self.target
             except FormulaError:
                 ok = False
             if len(self.used) != self.num_cards:

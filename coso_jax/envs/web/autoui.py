@@ -361,7 +361,14 @@ class AutoUIText(TextInterface):
             lines.append(f"Answer with the action only:\n{form}")
         return "\n".join(lines)
 
-    def parse(self, text: str, rng: np.random.Generator | None = None) -> WebParsedAction:
+    def parse(self, text: str, rng: np.random.Generator | None = None,
+              info: Mapping[str, Any] | None = None) -> WebParsedAction:
+        """`parse_autoui` as a `ParsedAction` (the protocol of `coso_jax.envs.base`). Never raises.
+
+        `rng` and `info` are not needed (the action set is fixed and an invalid answer never maps to
+        a random action); they are accepted so every env's parser has the same signature.
+        """
+        del rng, info
         action, valid = parse_autoui(text)
         if not valid:
             fallback = ActionType(self.invalid_policy.fallback_action)
