@@ -15,6 +15,12 @@ Two layers:
 
 Shapes: B batch, P prompt length (left-padded), N = max_new_tokens / response length (right-padded),
 V vocabulary, D hidden size.
+
+Masked slots carry no weight, whatever they hold: token ids at masked prompt/response positions are
+replaced by id 0 before the embedding (an out-of-range id embeds as NaN, and NaN values at a masked
+key still poison attention through 0 * NaN), and outputs there are selected (`jnp.where`), never
+multiplied by the mask. -inf logits (tokens banned by constraints) are probability 0: they contribute
+exactly 0 to entropies, with finite gradients (double-where), and are never drawn.
 """
 from __future__ import annotations
 
@@ -66,15 +72,18 @@ class ScoreOutput(NamedTuple):
 def _top_p_filter(scaled_logits: jax.Array, top_p: jax.Array, iters: int = 32) -> jax.Array:
     """Sets logits outside the nucleus to -inf. `[B, V]`.
 
-    The nucleus keeps token i iff the mass of strictly more probable tokens is < top_p (so the top
-    token always stays). Rather than sorting the vocabulary (a full sort is ~15x slower than
-    everything else in a decode step on XLA:CPU), bisect the probability threshold: the kept set is
-    {p > lo} where mass(p > lo) >= top_p and mass(p > hi) < top_p, with hi - lo < max_p * 2^-iters.
-    Only tokens whose probabilities tie within that resolution can differ from the sorted version.
+    The nucleus keeps token i iff the mass of strictly more probable tokens is < top_p. Rather than
+    sorting the vocabulary (a full sort is ~15x slower than everything else in a decode step on
+    XLA:CPU), bisect the probability threshold: the kept set is {p > lo} where mass(p > lo) >= top_p
+    and mass(p > hi) < top_p, with hi - lo < max_p * 2^-iters. Only tokens whose probabilities tie
+    within that resolution can differ from the sorted version. The most probable token(s) always
+    stay, whatever `top_p` is (even <= 0, where the bisection alone would keep nothing), so a row is
+    never all -inf; tokens already at -inf (probability 0) are never kept.
     """
     probs = jax.nn.softmax(scaled_logits, axis=-1)
     lo = jnp.zeros(probs.shape[:-1] + (1,), probs.dtype)
-    hi = jnp.max(probs, axis=-1, keepdims=True)  # mass(p > max_p) = 0 < top_p
+    top = jnp.max(probs, axis=-1, keepdims=True)
+    hi = top  # mass(p > max_p) = 0 < top_p
 
     def step(_, bounds):
         lo, hi = bounds
@@ -83,7 +92,30 @@ def _top_p_filter(scaled_logits: jax.Array, top_p: jax.Array, iters: int = 32) -
         return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
 
     lo, _ = jax.lax.fori_loop(0, iters, step, (lo, hi))
-    return jnp.where(probs > lo, scaled_logits, -jnp.inf)
+    return jnp.where((probs > lo) | (probs >= top), scaled_logits, -jnp.inf)
+
+
+def _check_top_p(top_p) -> None:
+    """Rejects a concrete `top_p` outside (0, 1] (NaN included); traced values pass unchecked."""
+    if isinstance(top_p, jax.core.Tracer):
+        return
+    value = float(top_p)
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus filtering), got {value}")
+
+
+def _logprobs_and_entropies(scaled_logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """log_softmax and entropy (nats) of temperature-scaled logits `[..., V]` (float32).
+
+    Returns (log-probs `[..., V]`, entropies `[...]`), H = -sum_v p(v) log p(v). A -inf logit has
+    log p = -inf and contributes exactly 0 (not 0 * -inf = NaN); the double `jnp.where` keeps the
+    gradient finite too. A row needs at least one finite logit.
+    """
+    logp = jax.nn.log_softmax(scaled_logits, axis=-1)
+    finite = logp > -jnp.inf
+    safe = jnp.where(finite, logp, 0.0)
+    entropies = -jnp.sum(jnp.where(finite, jnp.exp(safe) * safe, 0.0), axis=-1)
+    return logp, entropies
 
 
 def _categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
@@ -142,6 +174,8 @@ def prefill_fn(model, value_head, prompt_ids, prompt_mask, *, pixel_values=None,
     """
     _check_prompt(prompt_ids, prompt_mask)
     b, p = prompt_ids.shape
+    # Padded prompt slots are embedded as id 0, whatever they hold (see the module docstring).
+    prompt_ids = jnp.where(prompt_mask.astype(jnp.bool_), prompt_ids, 0)
     embeds = model.embed_inputs(prompt_ids, pixel_values=pixel_values, image_sizes=image_sizes)
     positions = positions_from_mask(prompt_mask)
     cache = model.init_cache(b, p + max_new_tokens)
@@ -155,8 +189,10 @@ def generate_fn(model, cache: KVCache, last_logits, next_positions, rng, *, max_
                 top_p=1.0, eos_id, pad_id, greedy: bool = False):
     """Decode loop (`lax.while_loop`) from a prefilled cache; stops early once every row hit EOS.
 
+    `top_p` must be in (0, 1] (ValueError when concrete; see `sample`).
     Returns (tokens `[B, N]`, logprobs `[B, N]`, mask `[B, N]`, lengths `[B]`, final cache).
     """
+    _check_top_p(top_p)
     b = last_logits.shape[0]
     n = max_new_tokens
     temperature = jnp.asarray(temperature, jnp.float32)
@@ -176,14 +212,16 @@ def generate_fn(model, cache: KVCache, last_logits, next_positions, rng, *, max_
         tok = _select(scaled, key, top_p, greedy)
         active = ~done
         tok = jnp.where(active, tok, pad_id)
-        tok_logp = jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
+        # Finished rows look up and feed id 0, not pad_id (which may lie outside the vocabulary).
+        fed = jnp.where(active, tok, 0)
+        tok_logp = jnp.take_along_axis(logp, fed[:, None], axis=-1)[:, 0]
         tokens = tokens.at[:, i].set(tok)
         logprobs = logprobs.at[:, i].set(jnp.where(active, tok_logp, 0.0))
         mask = mask.at[:, i].set(active)
         done = done | (active & (tok == eos_id))
         # Feed the token back. The last iteration's decode is wasted work (1/N of the loop), but an
         # unconditional body keeps the loop simple and the cache has room for it (P + N slots).
-        embeds = model.embed_inputs(tok[:, None])
+        embeds = model.embed_inputs(fed[:, None])
         new_logits, _, cache = model.decode(embeds, active[:, None], positions[:, None], cache)
         return (i + 1, cache, new_logits[:, -1].astype(jnp.float32), positions + 1, done, tokens, logprobs, mask,
                 rng)
@@ -198,7 +236,8 @@ def generate_fn(model, cache: KVCache, last_logits, next_positions, rng, *, max_
 def sample_fn(model, value_head, prompt_ids, prompt_mask, rng, *, pixel_values=None, image_sizes=None,
               max_new_tokens: int, temperature: float, top_p: float = 1.0, eos_id: int, pad_id: int,
               greedy: bool = False) -> SampleOutput:
-    """Pure (un-jitted) sampler; see `sample`."""
+    """Pure (un-jitted) sampler; see `sample` (same arguments and errors)."""
+    _check_top_p(top_p)
     cache, last_logits, values, next_positions = prefill_fn(
         model, value_head, prompt_ids, prompt_mask, pixel_values=pixel_values, image_sizes=image_sizes,
         max_new_tokens=max_new_tokens)
@@ -216,17 +255,18 @@ def score_fn(model, value_head, prompt_ids, prompt_mask, response_ids, response_
         raise ValueError(f"response_ids {response_ids.shape} / response_mask {response_mask.shape} must be [B, N] "
                          f"with B = {prompt_ids.shape[0]}")
     p, n = prompt_ids.shape[1], response_ids.shape[1]
-    ids = jnp.concatenate([prompt_ids, response_ids], axis=1).astype(jnp.int32)
     resp_mask = response_mask.astype(jnp.bool_)
     mask = jnp.concatenate([prompt_mask.astype(jnp.int32), resp_mask.astype(jnp.int32)], axis=1)
+    # Masked slots are embedded (and looked up) as id 0, whatever they hold.
+    response_ids = jnp.where(resp_mask, response_ids, 0).astype(jnp.int32)
+    ids = jnp.where(mask > 0, jnp.concatenate([prompt_ids, response_ids], axis=1), 0).astype(jnp.int32)
     embeds = model.embed_inputs(ids, pixel_values=pixel_values, image_sizes=image_sizes)
     kwargs = {"remat": True} if remat else {}
     # The logits at position t predict token t + 1: response token j is predicted at P - 1 + j.
     logits, hidden, _ = _decode_slice(model, embeds, mask, positions_from_mask(mask), p - 1, p + n - 1, **kwargs)
     scaled = logits.astype(jnp.float32) / jnp.asarray(temperature, jnp.float32)
-    logp_all = jax.nn.log_softmax(scaled, axis=-1)
-    logprobs = jnp.take_along_axis(logp_all, response_ids.astype(jnp.int32)[..., None], axis=-1)[..., 0]
-    entropies = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+    logp_all, entropies = _logprobs_and_entropies(scaled)
+    logprobs = jnp.take_along_axis(logp_all, response_ids[..., None], axis=-1)[..., 0]
     return ScoreOutput(
         logprobs=jnp.where(resp_mask, logprobs, 0.0),
         entropies=jnp.where(resp_mask, entropies, 0.0),
@@ -288,14 +328,18 @@ def sample(model, value_head, prompt_ids, prompt_mask, rng, *, pixel_values=None
       model: policy model (`CausalLM`, LLaVA...) per docs/contracts.md; value_head: `ValueHead` or None.
       prompt_ids, prompt_mask: `[B, P]`, left-padded. rng: a PRNG key.
       pixel_values, image_sizes: passed to `model.embed_inputs` (VLMs).
-      temperature: > 0; log-probs are of softmax(logits / temperature). top_p: nucleus sampling (1 = off;
-        the returned log-probs exclude the top-p renormalisation). greedy: argmax instead of sampling.
+      temperature: > 0; log-probs are of softmax(logits / temperature). top_p: nucleus sampling, in
+        (0, 1] (1 = off; a tiny top_p keeps only the most probable token, i.e. greedy); the returned
+        log-probs exclude the top-p renormalisation. greedy: argmax instead of sampling.
       eos_id: a row stops after emitting it (EOS included in the mask); pad_id fills the rest.
     Returns:
       `SampleOutput` (tokens, logprobs, mask, lengths, values).
+    Raises:
+      ValueError: `max_new_tokens < 1`, or `top_p` outside (0, 1] (NaN included), also with greedy.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    _check_top_p(top_p)
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
     prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
     gd, st = _split(model)
@@ -317,7 +361,8 @@ def score(model, value_head, prompt_ids, prompt_mask, response_ids, response_mas
       temperature: the sampling temperature (log-probs of softmax(logits / temperature)).
       remat: rematerialise decoder layers in the backward pass.
     Returns:
-      `ScoreOutput(logprobs [B, N], entropies [B, N], values [B])`, zeros where `response_mask` is False.
+      `ScoreOutput(logprobs [B, N], entropies [B, N], values [B])`, zeros where `response_mask` is False
+      (whatever `response_ids` holds there). A -inf logit contributes exactly 0 to the entropy.
     Inside your own jit/grad, call `score_fn` instead (same signature, no jit boundary).
     """
     gd, st = _split(model)

@@ -4,7 +4,11 @@ A small bidirectional transformer encoder (BERT-like, post-LayerNorm) maps the t
 text to logits over action-type labels (DESIGN.md step 2). Its reference size is hidden 128, 4 heads,
 3 layers, FFN 512, 512 positions. Unlike the reference, which averages over *all* positions, we pool
 with a masked mean, so a row's logits do not depend on its padded positions: this is what lets the
-counterfactual kernel run with ``pad_invariant=True`` and score shorter sequences.
+counterfactual kernel run with ``pad_invariant=True`` and score shorter sequences. Padded positions
+carry no weight whatever they hold: their token ids are replaced by 0 before the embedding (an
+out-of-range id would embed as NaN, and 0 * NaN poisons attention and pooling), the pooling
+selects (``jnp.where``) instead of multiplying by the mask, and dropped rows of the loss are
+selected away before the cross-entropy.
 
 Public pieces:
   ``ClassifierConfig``          sizes and dropout (``ClassifierConfig.tiny`` for tests).
@@ -139,6 +143,7 @@ class CausalClassifier(nnx.Module):
 
     ``model(tokens[B, L] int, mask[B, L] bool/0-1, dropout_key=None) -> logits[B, num_labels] f32``.
     Dropout is applied only when a ``dropout_key`` is given (training); inference is deterministic.
+    Token ids at padded positions are ignored (any value, out-of-range ids included).
     """
 
     def __init__(self, config: ClassifierConfig, *, rngs: nnx.Rngs):
@@ -164,25 +169,33 @@ class CausalClassifier(nnx.Module):
             raise ValueError(f"sequence length {length} exceeds max_positions={cfg.max_positions}")
         keys = _split_or_none(dropout_key, cfg.num_layers + 2)
         valid = mask.astype(bool)
+        tokens = jnp.where(valid, tokens, 0)  # padded slots hold anything; id 0 embeds finitely
         x = self.token_embed(tokens) + self.position_embed(jnp.arange(length))[None]
         x = _dropout(self.embed_norm(x), cfg.dropout_rate, keys[0])
         key_bias = jnp.where(valid, 0.0, _MASKED_SCORE).astype(x.dtype)[:, None, None, :]
         for layer, key in zip(self.layers, keys[1:-1]):
             x = layer(x, key_bias, key)
         # Masked mean pooling: padded positions never reach the logits (pad invariance).
-        weights = valid.astype(x.dtype)[..., None]
-        pooled = (x * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0)
+        count = valid.astype(x.dtype).sum(axis=1)[..., None]
+        pooled = jnp.where(valid[..., None], x, 0.0).sum(axis=1) / jnp.maximum(count, 1.0)
         return self.head(_dropout(pooled, cfg.dropout_rate, keys[-1]))
 
 
 def cross_entropy_loss(logits: jax.Array, labels: jax.Array,
                        weights: jax.Array | None = None) -> jax.Array:
-    """Mean softmax cross-entropy. logits [B, C], labels [B] int, weights [B] (e.g. valid rows)."""
-    per_row = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    """Mean softmax cross-entropy. logits [B, C], labels [B] int, weights [B] (e.g. valid rows).
+
+    sum_b w_b CE_b / max(sum_b w_b, 1). Rows with weight 0 are selected away before the
+    cross-entropy, so their logits and labels (NaN, -1 for an unparseable text) carry no weight
+    and give a zero, finite gradient. float32 scalar.
+    """
     if weights is None:
-        return per_row.mean()
-    weights = weights.astype(per_row.dtype)
-    return (per_row * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    weights = weights.astype(logits.dtype)
+    keep = weights != 0
+    per_row = optax.softmax_cross_entropy_with_integer_labels(
+        jnp.where(keep[:, None], logits, 0.0), jnp.where(keep, labels, 0))
+    return jnp.where(keep, per_row * weights, 0.0).sum() / jnp.maximum(weights.sum(), 1.0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -224,7 +237,7 @@ def make_train_step() -> Callable:
             accuracy = correct.mean()
         else:
             w = weights.astype(jnp.float32)
-            accuracy = (correct * w).sum() / jnp.maximum(w.sum(), 1.0)
+            accuracy = jnp.where(w != 0, correct * w, 0.0).sum() / jnp.maximum(w.sum(), 1.0)
         return loss, accuracy
 
     return step

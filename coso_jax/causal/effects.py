@@ -2,7 +2,10 @@
 
 For a row y with label c and classifier f, p0 = softmax(f(y))[c]; the ablation at position i
 replaces positions min(i + o, L - 1), o = 0..window-1, with ``mask_token_id`` and the effect is
-e_i = |p0 - softmax(f(y^(i)))[c]|. Padding and skip positions get e_i = 0.
+e_i = |p0 - softmax(f(y^(i)))[c]|. Padding and skip positions get e_i = 0, whatever they hold:
+a padded token id is never looked up in a per-vocabulary skip mask, a row with no scored position
+never has its label read, and ``causal_weights`` selects (``jnp.where``) invalid effects away
+before the min-max, so NaN/inf there carries no weight.
 
 How the kernel avoids work whose result would be thrown away:
   * Only (row, position) pairs that are valid and not skip tokens are scored; each row's
@@ -132,16 +135,20 @@ def _score_chunk_impl(fn_arrays, tokens, mask, labels, starts, window, mask_toke
 _score_chunk = jax.jit(_score_chunk_impl, static_argnames=("fn_static",))
 
 
-def _position_skip_mask(skip_mask, tokens: np.ndarray) -> np.ndarray:
-    """Per-position skip mask [B, L] from a per-vocabulary [V] or per-position [B, L] mask."""
+def _position_skip_mask(skip_mask, tokens: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Per-position skip mask [B, L] from a per-vocabulary [V] or per-position [B, L] mask.
+
+    Only valid positions are looked up (and range-checked) in a per-vocabulary mask: padding may
+    hold any id. Invalid positions come back False (they are never scored anyway)."""
     if skip_mask is None:
         return np.zeros(tokens.shape, bool)
     skip = np.asarray(skip_mask).astype(bool)
     if skip.ndim == 1:
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= skip.shape[0]):
+        ids = tokens[valid]
+        if ids.size and (ids.min() < 0 or ids.max() >= skip.shape[0]):
             raise ValueError(f"skip_mask is per-vocabulary with {skip.shape[0]} entries but tokens "
-                             f"hold ids in [{tokens.min()}, {tokens.max()}]")
-        return skip[tokens]
+                             f"hold ids in [{ids.min()}, {ids.max()}] at valid positions")
+        return valid & skip[np.where(valid, tokens, 0)]
     if skip.shape != tokens.shape:
         raise ValueError(f"skip_mask must be [vocab] or the tokens' shape {tokens.shape}, "
                          f"got {skip.shape}")
@@ -168,7 +175,8 @@ def counterfactual_effects(
         as traced inputs, so new weights do not recompile.
       tokens: int [B, L] token ids (L is the padded length).
       attention_mask: bool or 0/1 [B, L]; False/0 = padding (effect 0, never scored).
-      labels: int [B], the action-type label c of each row.
+      labels: int [B], the action-type label c of each row (>= 0 wherever the row has a scored
+        position; rows without one are never scored and may hold anything, e.g. -1).
       window: number of positions replaced per ablation (>= 1): min(i + o, L - 1), o < window.
       mask_token_id: the id written into the ablated positions (the tokenizer's unk/mask id).
       skip_mask: None, bool [vocab] indexed by token id (see ``skip_token_mask``), or bool [B, L];
@@ -196,17 +204,18 @@ def counterfactual_effects(
     labels = np.asarray(labels)
     if labels.shape != (batch,):
         raise ValueError(f"labels must be [B]=[{batch}], got shape {labels.shape}")
-    if labels.size and labels.min() < 0:
-        raise ValueError("labels must be non-negative class ids (drop unparseable rows first)")
-    labels = labels.astype(np.int32)
     if int(window) != window or window < 1:
         raise ValueError(f"window must be an integer >= 1, got {window}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
 
-    scored = valid & ~_position_skip_mask(skip_mask, tokens)
+    scored = valid & ~_position_skip_mask(skip_mask, tokens, valid)
     effects = np.zeros((batch, length), np.float32)
     rows_to_score = np.flatnonzero(scored.any(axis=1))
+    if rows_to_score.size and labels[rows_to_score].min() < 0:
+        raise ValueError("labels must be non-negative class ids (drop unparseable rows first)")
+    # Rows that are never scored may hold any label; only scored rows' labels are ever read.
+    labels = np.where(scored.any(axis=1), labels, 0).astype(np.int32)
     if rows_to_score.size == 0:
         return jnp.asarray(effects)
 
@@ -270,7 +279,8 @@ def counterfactual_effects(
 def causal_weights(effects: Any, valid_mask: Any) -> jax.Array:
     """Per-row min-max normalised, square-rooted weights (DESIGN.md step 4). float32 [B, L].
 
-    Effects at invalid positions are first set to 0 (as the kernel returns them); then, like the
+    Effects at invalid positions are first selected away (``jnp.where``; NaN/inf there carries no
+    weight) and set to 0 (as the kernel returns them); then, like the
     reference, w = sqrt((e - min e) / (max e - min e + 1e-10)) with min and max over the whole row
     (so min is 0 whenever the row has a padding/skip position), and w = 0 where ``valid_mask`` is
     False. Every row with a non-zero effect reaches 1; an all-zero row gives zeros (no NaN).
