@@ -248,6 +248,60 @@ class DecoderLayer(nnx.Module):
         return x, cache
 
 
+def _cast_floating(state: nnx.State, dtype: Dtype) -> nnx.State:
+    """Casts the floating leaves of `state` to `dtype` (differentiable: gradients flow back in the
+    leaves' own dtype)."""
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+
+
+def run_layer(layer: DecoderLayer, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+              cache: KVCache | None, index: int, *, remat: bool, compute_dtype: Dtype
+              ) -> tuple[jax.Array, KVCache | None]:
+    """Applies one decoder layer, optionally rematerialised; works inside any jax transform.
+
+    A plain layer without remat is called directly. Otherwise the layer runs functionally: it is
+    split into (graphdef, LoRA params, other params, other state), the pure function "merge, call,
+    return the outputs and the new non-parameter state" is (with `remat`) wrapped in `jax.checkpoint`,
+    and the new non-parameter state (e.g. the counter of a LoRA dropout `nnx.Rngs`) is written back
+    into `layer` afterwards. Only values cross the function boundary and no parameter is written
+    back, so it composes with `jax.value_and_grad` inside `jax.lax.scan` over a model merged inside
+    the loss (the trainer's pattern). `nnx.remat`, which updates the module's Variables in place,
+    raised `flax.errors.TraceContextError: Cannot mutate Param from a different trace level` there
+    (e.g. after a `jax.eval_shape` of the loss in the same scan body).
+
+    LoRA parameters (`nnx.LoRAParam`, coso_jax.models.lora) are cast to `compute_dtype` inside the
+    function: they may be stored in float32 (master weights, float32 optimizer state) while a bfloat16
+    base computes in bfloat16; their gradients come back in float32.
+
+    `jax.checkpoint` with its default policy saves nothing but the function's inputs (the layer's
+    input activations, its parameters, RoPE tables and mask) and recomputes the layer in the backward
+    pass: activation memory per layer drops from all intermediates to one `[B, T, D]` input.
+
+    Args:
+      layer: the `DecoderLayer` (possibly carrying qwix LoRA parameters).
+      x, cos, sin, mask, cache, index: as `DecoderLayer.__call__`.
+      remat: rematerialise the layer in the backward pass.
+      compute_dtype: the dtype LoRA parameters are cast to.
+    Returns:
+      (`[B, T, D]` output, the cache with this layer's keys/values written or None).
+    """
+    graphdef, lora, params, rest = nnx.split(layer, nnx.LoRAParam, nnx.Param, ...)
+    if not remat and not jax.tree.leaves(lora):
+        return layer(x, cos, sin, mask, cache, index)
+
+    def apply(lora, params, rest, x, cos, sin, mask, cache):
+        lyr = nnx.merge(graphdef, _cast_floating(lora, compute_dtype), params, rest)
+        y, cache = lyr(x, cos, sin, mask, cache, index)
+        return y, cache, nnx.state(lyr, nnx.Not(nnx.Param))
+
+    if remat:
+        apply = jax.checkpoint(apply, prevent_cse=True)
+    y, cache, new_rest = apply(lora, params, rest, x, cos, sin, mask, cache)
+    if jax.tree.leaves(new_rest):
+        nnx.update(layer, new_rest)
+    return y, cache
+
+
 # --------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------
@@ -286,7 +340,8 @@ class DecoderModel(nnx.Module):
             mask, S = cache.max_length; stored as is).
           positions: `[B, T]` int position ids (RoPE), usually `positions_from_mask`.
           cache: optional `KVCache`; the T new tokens are written at slots index..index+T-1.
-          remat: rematerialise each layer in the backward pass (saves activation memory).
+          remat: rematerialise each layer in the backward pass (saves activation memory); a functional
+            per-layer `jax.checkpoint` (see `run_layer`), safe under `jax.value_and_grad` in `lax.scan`.
         Returns:
           (hidden `[B, T, D]` after the final norm, updated cache or None).
         """
@@ -317,12 +372,7 @@ class DecoderModel(nnx.Module):
 
         x = inputs_embeds.astype(cfg.dtype)
         for i, layer in enumerate(self.layers):
-            if remat:
-                # Keep only each layer's input for the backward pass; recompute the rest.
-                x, cache = nnx.remat(lambda lyr, *args: lyr(*args), static_argnums=(6,))(
-                    layer, x, cos, sin, mask, cache, i)
-            else:
-                x, cache = layer(x, cos, sin, mask, cache, i)
+            x, cache = run_layer(layer, x, cos, sin, mask, cache, i, remat=remat, compute_dtype=cfg.dtype)
         if cache is not None:
             cache = cache.advance(t)
         return self.norm(x), cache
@@ -346,13 +396,8 @@ class CausalLM(nnx.Module):
                                       kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """`hidden[B, T, D]` -> `logits[B, T, V]` (compute dtype)."""
-        flat = hidden.reshape(-1, hidden.shape[-1])  # 2-D matmul (see MLP.__call__)
-        if self.lm_head is None:
-            logits = self.model.embed_tokens.attend(flat)
-        else:
-            logits = self.lm_head(flat)
-        return logits.reshape(hidden.shape[:-1] + (-1,))
+        """`hidden[B, T, D]` -> `logits[B, T, V]` float32 (see `output_logits`)."""
+        return output_logits(hidden, self.model.embed_tokens, self.lm_head, self.config.dtype)
 
     def embed_inputs(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
                      image_sizes: jax.Array | None = None) -> jax.Array:
@@ -369,7 +414,7 @@ class CausalLM(nnx.Module):
     def decode(self, inputs_embeds: jax.Array, attention_mask: jax.Array, positions: jax.Array,
                cache: KVCache | None = None, *, remat: bool = False, logits_slice: tuple[int, int] | None = None
                ) -> tuple[jax.Array, jax.Array, KVCache | None]:
-        """-> (logits `[B, T, V]`, final hidden `[B, T, D]`, cache). See `DecoderModel.__call__`.
+        """-> (logits `[B, T, V]` float32, final hidden `[B, T, D]`, cache). See `DecoderModel.__call__`.
 
         `logits_slice=(start, stop)` (static ints) computes logits only for positions start..stop-1
         (`[B, stop - start, V]`): the sampler's prefill needs the last position only, the scorer the
@@ -387,6 +432,24 @@ class CausalLM(nnx.Module):
         embeds = self.embed_inputs(input_ids, pixel_values, image_sizes)
         logits, _, _ = self.decode(embeds, attention_mask, positions_from_mask(attention_mask))
         return logits
+
+
+def output_logits(hidden: jax.Array, embed_tokens: nnx.Embed, lm_head: nnx.Linear | None, dtype: Dtype) -> jax.Array:
+    """The output projection `hidden[..., D]` -> `logits[..., V]`, returned in float32.
+
+    The operands are in the compute dtype `dtype` (bf16 for a bf16 model) and the matmul accumulates
+    and returns float32 (`preferred_element_type`): log-softmax, PPO ratios and entropies then see
+    logits without a bf16 rounding of the output (HF rounds them to the model dtype and upcasts
+    afterwards). For float32 models this is the plain float32 projection. `lm_head=None` means tied
+    embeddings (the embedding table `[V, D]` is the projection; `lm_head` has no bias in this family).
+    """
+    flat = hidden.reshape(-1, hidden.shape[-1]).astype(dtype)  # 2-D matmul (see MLP.__call__)
+    if lm_head is None:
+        weight, contract = embed_tokens.embedding[...].astype(dtype), 1  # [V, D]
+    else:
+        weight, contract = lm_head.kernel[...].astype(dtype), 0  # [D, V]
+    logits = jax.lax.dot_general(flat, weight, (((1,), (contract,)), ((), ())), preferred_element_type=jnp.float32)
+    return logits.reshape(hidden.shape[:-1] + (-1,))
 
 
 def random_init(build: Callable[[], nnx.Module], seed: int = 0, scale: float = 0.02) -> nnx.Module:

@@ -342,7 +342,9 @@ class Llava(nnx.Module):
         if pixel_values.ndim != 5:
             raise ValueError(f"LLaVA-NeXT expects pixel_values [N, patches, C, H, W], got shape {pixel_values.shape}")
         if image_sizes is None:
-            raise ValueError("LLaVA-NeXT needs image_sizes [N, 2] (original height, width of each image)")
+            raise ValueError("LLaVA-NeXT needs image_sizes [N, 2] (original height, width of each image) to lay out "
+                             "its anyres features: pass them with pixel_values (embed_inputs, sampling.sample / "
+                             "score, and the trainer's batch)")
         image_sizes = jnp.asarray(image_sizes).astype(jnp.int32)
         n, p = pixel_values.shape[:2]
         if image_sizes.shape != (n, 2):
@@ -367,10 +369,9 @@ class Llava(nnx.Module):
         return splice_image_features(embeds, input_ids == self.config.image_token_id, features, lengths)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """`hidden[B, T, D]` -> `logits[B, T, V]` (compute dtype)."""
-        if self.lm_head is None:
-            return self.language_model.embed_tokens.attend(hidden)
-        return self.lm_head(hidden)
+        """`hidden[B, T, D]` -> `logits[B, T, V]` float32 (compute-dtype operands, float32 accumulation:
+        `llama.output_logits`)."""
+        return llama.output_logits(hidden, self.language_model.embed_tokens, self.lm_head, self.config.text.dtype)
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Dtype | None = None) -> KVCache:
         """Empty preallocated KV cache of the language model (for `decode`)."""
@@ -379,7 +380,7 @@ class Llava(nnx.Module):
     def decode(self, inputs_embeds: jax.Array, attention_mask: jax.Array, positions: jax.Array,
                cache: KVCache | None = None, *, remat: bool = False, logits_slice: tuple[int, int] | None = None
                ) -> tuple[jax.Array, jax.Array, KVCache | None]:
-        """-> (logits `[B, T, V]`, final hidden `[B, T, D]`, cache). See `llama.DecoderModel.__call__`.
+        """-> (logits `[B, T, V]` float32, final hidden `[B, T, D]`, cache). See `llama.DecoderModel.__call__`.
 
         `logits_slice=(start, stop)` (static ints) computes logits only for positions start..stop-1
         (`[B, stop - start, V]`): a prefill needs the last position's, not a 32k-vocab row per prompt token.
@@ -405,13 +406,27 @@ class Llava(nnx.Module):
         return logits
 
 
-def random_init(config: LlavaConfig, seed: int = 0, scale: float = 0.02) -> Llava:
+def random_init(config: LlavaConfig, seed: int = 0, scale: float = 0.02, *, dtype: Dtype | None = None,
+                param_dtype: Dtype | None = None) -> Llava:
     """A `Llava` with every parameter drawn in numpy: N(0, scale), norm gains 1 + N(0, scale), norm biases 0.
 
     Same role as the modules' own initialisers but without one XLA compile per initializer (tens of
     seconds for the tiny presets on a small CPU): the model is built abstractly and filled from numpy.
     For tests, demos and benchmarks at any size that fits in host memory.
+
+    The draws are float32 and cast to each parameter's storage dtype, so for one seed a bf16 model
+    holds exactly the bf16 rounding of the float32 model's parameters.
+
+    Args:
+      config: the architecture; its `text`/`vision` `dtype` / `param_dtype` apply unless overridden.
+      seed, scale: the numpy seed and the standard deviation of the draws.
+      dtype: compute dtype of every part (vision tower, projector, language model); with `dtype` alone
+        the parameters are stored in it too (`LlavaConfig.with_dtype`), e.g. `dtype=jnp.bfloat16`.
+      param_dtype: storage dtype of every parameter (default: `dtype` if given, else the config's).
     """
+    if dtype is not None or param_dtype is not None:
+        config = config.with_dtype(dtype if dtype is not None else config.text.dtype,
+                                   param_dtype if param_dtype is not None else dtype)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Llava(config, rngs=nnx.Rngs(0))))
     rs = np.random.default_rng(seed)
     filled = []
