@@ -58,6 +58,20 @@ class SampleOutput(NamedTuple):
     mask: jax.Array      # [B, N] bool, True for generated tokens (EOS included)
     lengths: jax.Array   # [B] int32, number of generated tokens
     values: jax.Array    # [B] float32, value head at the last prompt token (0 without a head)
+    # [B, N] float32, entropy (nats) of the temperature-scaled next-token distribution at each generated
+    # position, before top-p filtering (the distribution `ScoreOutput.entropies` scores); 0 at pad.
+    entropies: jax.Array
+
+
+class GenerateOutput(NamedTuple):
+    """`generate_fn`'s result. The first five fields keep the order of the tuple it used to return."""
+
+    tokens: jax.Array     # [B, N] int32, pad_id after EOS
+    logprobs: jax.Array   # [B, N] float32, temperature-scaled, before top-p; 0 at pad
+    mask: jax.Array       # [B, N] bool, True for generated tokens (EOS included)
+    lengths: jax.Array    # [B] int32
+    cache: KVCache        # the final cache
+    entropies: jax.Array  # [B, N] float32, temperature-scaled, before top-p; 0 at pad
 
 
 class ScoreOutput(NamedTuple):
@@ -186,11 +200,13 @@ def prefill_fn(model, value_head, prompt_ids, prompt_mask, *, pixel_values=None,
 
 
 def generate_fn(model, cache: KVCache, last_logits, next_positions, rng, *, max_new_tokens: int, temperature,
-                top_p=1.0, eos_id, pad_id, greedy: bool = False):
+                top_p=1.0, eos_id, pad_id, greedy: bool = False) -> GenerateOutput:
     """Decode loop (`lax.while_loop`) from a prefilled cache; stops early once every row hit EOS.
 
     `top_p` must be in (0, 1] (ValueError when concrete; see `sample`).
-    Returns (tokens `[B, N]`, logprobs `[B, N]`, mask `[B, N]`, lengths `[B]`, final cache).
+    Returns `GenerateOutput(tokens [B, N], logprobs [B, N], mask [B, N], lengths [B], cache,
+    entropies [B, N])`; log-probs and entropies are of the temperature-scaled distribution before
+    top-p filtering (what `score` computes teacher-forced), 0 at padded positions.
     """
     _check_top_p(top_p)
     b = last_logits.shape[0]
@@ -205,10 +221,10 @@ def generate_fn(model, cache: KVCache, last_logits, next_positions, rng, *, max_
         return (i < n) & ~jnp.all(done)
 
     def body(state):
-        i, cache, logits, positions, done, tokens, logprobs, mask, rng = state
+        i, cache, logits, positions, done, tokens, logprobs, entropies, mask, rng = state
         rng, key = jax.random.split(rng)
         scaled = logits / temperature
-        logp = jax.nn.log_softmax(scaled, axis=-1)
+        logp, entropy = _logprobs_and_entropies(scaled)
         tok = _select(scaled, key, top_p, greedy)
         active = ~done
         tok = jnp.where(active, tok, pad_id)
@@ -217,20 +233,21 @@ def generate_fn(model, cache: KVCache, last_logits, next_positions, rng, *, max_
         tok_logp = jnp.take_along_axis(logp, fed[:, None], axis=-1)[:, 0]
         tokens = tokens.at[:, i].set(tok)
         logprobs = logprobs.at[:, i].set(jnp.where(active, tok_logp, 0.0))
+        entropies = entropies.at[:, i].set(jnp.where(active, entropy, 0.0))
         mask = mask.at[:, i].set(active)
         done = done | (active & (tok == eos_id))
         # Feed the token back. The last iteration's decode is wasted work (1/N of the loop), but an
         # unconditional body keeps the loop simple and the cache has room for it (P + N slots).
         embeds = model.embed_inputs(fed[:, None])
         new_logits, _, cache = model.decode(embeds, active[:, None], positions[:, None], cache)
-        return (i + 1, cache, new_logits[:, -1].astype(jnp.float32), positions + 1, done, tokens, logprobs, mask,
-                rng)
+        return (i + 1, cache, new_logits[:, -1].astype(jnp.float32), positions + 1, done, tokens, logprobs,
+                entropies, mask, rng)
 
     state = (jnp.zeros((), jnp.int32), cache, last_logits.astype(jnp.float32), next_positions.astype(jnp.int32),
              jnp.zeros((b,), jnp.bool_), jnp.full((b, n), pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32),
-             jnp.zeros((b, n), jnp.bool_), rng)
-    _, cache, _, _, _, tokens, logprobs, mask, _ = jax.lax.while_loop(cond, body, state)
-    return tokens, logprobs, mask, jnp.sum(mask, axis=-1, dtype=jnp.int32), cache
+             jnp.zeros((b, n), jnp.float32), jnp.zeros((b, n), jnp.bool_), rng)
+    _, cache, _, _, _, tokens, logprobs, entropies, mask, _ = jax.lax.while_loop(cond, body, state)
+    return GenerateOutput(tokens, logprobs, mask, jnp.sum(mask, axis=-1, dtype=jnp.int32), cache, entropies)
 
 
 def sample_fn(model, value_head, prompt_ids, prompt_mask, rng, *, pixel_values=None, image_sizes=None,
@@ -241,10 +258,10 @@ def sample_fn(model, value_head, prompt_ids, prompt_mask, rng, *, pixel_values=N
     cache, last_logits, values, next_positions = prefill_fn(
         model, value_head, prompt_ids, prompt_mask, pixel_values=pixel_values, image_sizes=image_sizes,
         max_new_tokens=max_new_tokens)
-    tokens, logprobs, mask, lengths, _ = generate_fn(
+    out = generate_fn(
         model, cache, last_logits, next_positions, rng, max_new_tokens=max_new_tokens, temperature=temperature,
         top_p=top_p, eos_id=eos_id, pad_id=pad_id, greedy=greedy)
-    return SampleOutput(tokens, logprobs, mask, lengths, values)
+    return SampleOutput(out.tokens, out.logprobs, out.mask, out.lengths, values, out.entropies)
 
 
 def score_fn(model, value_head, prompt_ids, prompt_mask, response_ids, response_mask, *, pixel_values=None,
@@ -333,7 +350,9 @@ def sample(model, value_head, prompt_ids, prompt_mask, rng, *, pixel_values=None
         log-probs exclude the top-p renormalisation. greedy: argmax instead of sampling.
       eos_id: a row stops after emitting it (EOS included in the mask); pad_id fills the rest.
     Returns:
-      `SampleOutput` (tokens, logprobs, mask, lengths, values).
+      `SampleOutput` (tokens, logprobs, mask, lengths, values, entropies); `entropies` are those of
+      the temperature-scaled distribution before top-p filtering, equal to `score`'s on the sampled
+      tokens, so the trainer needs no second forward pass for them.
     Raises:
       ValueError: `max_new_tokens < 1`, or `top_p` outside (0, 1] (NaN included), also with greedy.
     """
@@ -346,10 +365,10 @@ def sample(model, value_head, prompt_ids, prompt_mask, rng, *, pixel_values=None
     vgd, vst = _split(value_head)
     cache, last_logits, values, next_positions = _prefill_jit(
         gd, st, vgd, vst, prompt_ids, prompt_mask, pixel_values, image_sizes, max_new_tokens=max_new_tokens)
-    tokens, logprobs, mask, lengths, _ = _generate_jit(
+    out = _generate_jit(
         gd, st, cache, last_logits, next_positions, rng, jnp.float32(temperature), jnp.float32(top_p),
         jnp.int32(eos_id), jnp.int32(pad_id), max_new_tokens=max_new_tokens, greedy=bool(greedy))
-    return SampleOutput(tokens, logprobs, mask, lengths, values)
+    return SampleOutput(out.tokens, out.logprobs, out.mask, out.lengths, values, out.entropies)
 
 
 def score(model, value_head, prompt_ids, prompt_mask, response_ids, response_mask, *, pixel_values=None,

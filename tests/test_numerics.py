@@ -14,8 +14,14 @@ from flax import nnx
 
 from coso_jax import losses, sampling
 from coso_jax.causal import causal_weights, counterfactual_effects
-from coso_jax.causal.classifier import (CausalClassifier, ClassifierConfig, cross_entropy_loss,
-                                        logits_fn, make_optimizer, make_train_step)
+from coso_jax.causal.classifier import (
+    CausalClassifier,
+    ClassifierConfig,
+    cross_entropy_loss,
+    logits_fn,
+    make_optimizer,
+    make_train_step,
+)
 
 NAN, INF = np.nan, np.inf
 GARBAGE = np.array([NAN, INF, -INF], np.float32)
@@ -393,6 +399,13 @@ def test_scorer_with_banned_logits_and_garbage_in_masked_slots():
     tokens, mask = np.asarray(sample.tokens), np.asarray(sample.mask)
     assert not np.isin(tokens[mask], BANNED).any()
     assert_finite(sample.logprobs)
+    # Its entropies (banned tokens add exactly 0) are finite and equal the scorer's on its tokens.
+    assert_finite(sample.entropies)
+    assert np.all(np.asarray(sample.entropies)[~mask] == 0)
+    rescored = sampling.score(model, None, garbage_prompt, prompt_mask, sample.tokens, sample.mask,
+                              temperature=1.0)
+    np.testing.assert_allclose(np.asarray(sample.entropies)[mask], np.asarray(rescored.entropies)[mask],
+                               atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------

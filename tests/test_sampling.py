@@ -82,6 +82,50 @@ def test_sampler_logprobs_equal_scorer(models):
     assert np.all(ent[m] <= np.log(VOCAB) + 1e-5)
 
 
+@pytest.mark.parametrize("top_p, temperature", [(1.0, 1.0), (0.8, 0.6)])
+def test_sampled_entropies_equal_scorer_entropies(models, top_p, temperature):
+    """`SampleOutput.entropies` are the teacher-forced entropies of the sampled tokens (before top-p),
+    so the trainer needs no second forward pass for them; 0 past each row's end."""
+    _, model, head = models
+    ids, mask = prompts(seed=7)
+    # EOS = a frequent-enough token so some rows stop early and leave padded positions.
+    out = sampling.sample(model, head, ids, mask, jax.random.key(11), max_new_tokens=10, temperature=temperature,
+                          top_p=top_p, eos_id=7, pad_id=PAD)
+    scored = sampling.score(model, head, ids, mask, out.tokens, out.mask, temperature=temperature)
+    m = np.asarray(out.mask)
+    ent = np.asarray(out.entropies)
+    assert ent.shape == m.shape and ent.dtype == np.float32
+    np.testing.assert_allclose(ent[m], np.asarray(scored.entropies)[m], atol=1e-5, rtol=0)
+    assert np.all(ent[~m] == 0) and np.all(ent[m] > 0)
+    # Same for the pure function under a caller's jit, greedy, with an EOS that row 1 emits at step 2
+    # (so some rows stop early and leave padded positions).
+    greedy = nnx.jit(lambda mdl, i, k, r, eos: sampling.sample_fn(mdl, None, i, k, r, max_new_tokens=6,
+                                                                  temperature=temperature, eos_id=eos,
+                                                                  pad_id=PAD, greedy=True))
+    args = (model, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0))
+    eos = int(greedy(*args, VOCAB + 1).tokens[1, 2])
+    g = greedy(*args, eos)
+    scored = sampling.score(model, None, ids, mask, g.tokens, g.mask, temperature=temperature)
+    gm = np.asarray(g.mask)
+    assert (~gm).any()
+    np.testing.assert_allclose(np.asarray(g.entropies)[gm], np.asarray(scored.entropies)[gm], atol=1e-5, rtol=0)
+    assert np.all(np.asarray(g.entropies)[~gm] == 0)
+
+
+def test_generate_fn_returns_named_fields(models):
+    _, model, _ = models
+    ids, mask = prompts(batch=2, seed=8)
+    cache, last_logits, _, next_positions = sampling.prefill_fn(model, None, jnp.asarray(ids), jnp.asarray(mask),
+                                                                max_new_tokens=3)
+    out = sampling.generate_fn(model, cache, last_logits, next_positions, jax.random.key(0), max_new_tokens=3,
+                               temperature=1.0, eos_id=-1, pad_id=PAD)
+    assert isinstance(out, sampling.GenerateOutput)
+    # The first five fields keep the order of the tuple generate_fn returned before.
+    tokens, logprobs, tok_mask, lengths, _ = out[:5]
+    assert tokens.shape == logprobs.shape == tok_mask.shape == out.entropies.shape == (2, 3)
+    np.testing.assert_array_equal(np.asarray(lengths), [3, 3])
+
+
 def test_no_recompilation_across_calls(models):
     _, model, head = models
     ids, mask = prompts(seed=2)
