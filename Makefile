@@ -1,4 +1,4 @@
-# The two commands of this project: `make demo` (the main job) and `make test` (the default test suite).
+# The two commands of this project: `make demo` (the main job) and `make test` (lint, then the default test suite).
 # Each creates .venv if missing and (re)installs the project when pyproject.toml changes.
 PYTHON ?= python3
 VENV := .venv
@@ -24,6 +24,7 @@ demo: $(STAMP_BASE)
 	$(BIN)/python -m experiments.demo
 
 test: $(STAMP_TEST)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 clean-venv:

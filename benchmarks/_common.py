@@ -83,6 +83,57 @@ def time_fn(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1) -> Timi
     return Timing(first, steady)
 
 
+class CompileCounter:
+    """Counts XLA backend compiles while started, by function name, from jax.monitoring's
+    backend-compile events (a persistent-cache hit is not a compile and is not counted).
+
+        counter = CompileCounter().start(); ...; counter.stop(); counter.total
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self._active = False
+
+    EVENT = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch.BACKEND_COMPILE_EVENT
+
+    def _listener(self, event: str, duration: float, **kwargs: Any) -> None:
+        if self._active and event == self.EVENT:
+            name = str(kwargs.get("fun_name", "?"))
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+    def start(self) -> "CompileCounter":
+        import jax
+
+        jax.monitoring.register_event_duration_secs_listener(self._listener)
+        self._active = True
+        return self
+
+    def stop(self) -> "CompileCounter":
+        import jax
+
+        if self._active:
+            self._active = False
+            jax.monitoring.unregister_event_duration_listener(self._listener)
+        return self
+
+    def __enter__(self) -> "CompileCounter":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def matching(self, *names: str) -> int:
+        """Compiles of functions whose name contains any of `names` (e.g. "sample_step")."""
+        return sum(n for fn, n in self.counts.items() if any(name in fn for name in names))
+
+    def by_name(self) -> dict[str, int]:
+        return dict(sorted(self.counts.items()))
+
+
 def read_json(path: str | os.PathLike[str]) -> Any:
     """The JSON at ``path``, or None when there is no such file."""
     path = Path(path)

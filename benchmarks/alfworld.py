@@ -164,9 +164,10 @@ def bench_env(steps: int, cache_dir: str) -> dict:
 # ------------------------------------------------------------------------------- --compare
 # CoSo vs entropy vs none on ALFWorld, all six task types, one agent (the paper's setting), tiny_cpu.
 #
-# Every (algo, seed) run is an ordinary `Trainer` run under <workdir>/<algo>/seed_<k>/; a run with
+# Every (algo, seed) run is an ordinary `PPOTrainer` run under <workdir>/<algo>/seed_<k>/; a run with
 # result.json is skipped, an interrupted one resumes from its last checkpoint. All runs start from one
-# cached SFT start (<workdir>/sft/) and share compiled steps through one `StepCache`. After training,
+# cached SFT start (<workdir>/sft/) and share compiled steps (the trainer's jits are module-level, so
+# every run of the process with the same shapes reuses them). After training,
 # each final policy (and the SFT start, once) plays a fixed list of held-out games to their end:
 # `eval_games` games per task type of the "test" split (and `unseen_games` of the "unseen" split),
 # sampled at the training temperature; success and final goal-condition progress per task type.
@@ -190,7 +191,7 @@ COMPARE_NOTE = (
     "Calibration, 2 CPU cores (tiny_cpu, prompt_len 528, 16 envs): an SFT step (batch 32) takes ~2.3 s, so the "
     "preset's 300 episodes x 10 epochs (2,392 demonstrations, ~740 steps) would take ~28 min alone; a PPO "
     "iteration (128 env steps) ~18 s steady for none and coso (rollout ~5 s at 16 envs, update ~12 s, coso's "
-    "causal phase ~2 s), the first of each algo ~35-55 s (compilation); a Trainer's set-up with the SFT start "
+    "causal phase ~2 s), the first of each algo ~35-55 s (compilation); a trainer's set-up with the SFT start "
     "cached ~30-50 s (the demonstrations are re-collected); one batch of evaluation episodes played to 50 steps "
     "~30 s. Not measured: the rollout at 4 envs (estimated ~10 s per iteration: 32 sampler calls of 4 prompts) "
     "and the SFT start's success at these settings. Projection for these defaults: SFT start ~9 min, 9 runs x "
@@ -233,8 +234,8 @@ def run_compare(algos, seeds, workdir: str, overrides: dict, splits: dict[str, i
     from pathlib import Path
 
     from coso_jax import metrics as metrics_lib
-    from coso_jax.rl.config import preset
-    from coso_jax.rl.trainer import StepCache, Trainer, sft_fingerprint
+    from coso_jax.rl.config import ppo_preset
+    from coso_jax.rl.ppo.trainer import PPOTrainer
 
     root = Path(workdir)
     runs = [(algo, seed) for seed in seeds for algo in algos]  # seed-major: a cut grid has every algo
@@ -243,28 +244,27 @@ def run_compare(algos, seeds, workdir: str, overrides: dict, splits: dict[str, i
     timings = {"runs_trained": 0, "runs_skipped": sum(done.values()), "run_wall_s": {}}
     bar = metrics_lib.progress_bar(len(runs), desc="alfworld_compare", disable=not progress,
                                    initial=timings["runs_skipped"])
-    cache = StepCache()
     start = time.perf_counter()
     try:
         for algo, seed in [r for r in runs if not done[r]]:
             d = run_dir[(algo, seed)]
-            config = preset("tiny_cpu", env="ALFWorld", algo=algo, seed=seed, **{"progress": False, **overrides})
-            sft_dir = root / "sft" / f"ALFWorld-{config.preset}-{sft_fingerprint(config)[:10]}"
+            config = ppo_preset("tiny_cpu", env="ALFWorld", algo=algo, seed=seed, **{"progress": False, **overrides})
+            sft_dir = root / "sft" / f"ALFWorld-{config.preset}-{config.start_fingerprint()[:10]}"
             config = config.replace(sft_dir=str(sft_dir))
-            sft_built = not (sft_dir / "summary.json").exists()  # this Trainer runs the SFT
+            sft_built = not (sft_dir / "summary.json").exists()  # this trainer runs the SFT
             resume = (d / "checkpoints").is_dir() and any((d / "checkpoints").iterdir())
             bar.set_scalars({"run": f"{algo}/{seed}" + (" (resumed)" if resume else "")})
             t0 = time.perf_counter()
-            trainer = Trainer(config, d, resume=resume, step_cache=cache)
+            trainer = PPOTrainer(config, d, resume=resume)
             init_s = time.perf_counter() - t0
             try:
                 if sft_built:
                     timings["sft_build_wall_s"] = init_s  # SFT (and the pool) + this run's set-up
                 sft_path = root / "sft_eval.json"
-                if not sft_path.exists() and not resume:  # a fresh Trainer holds the SFT start
+                if not sft_path.exists() and not resume:  # a fresh trainer holds the SFT start
                     t_eval = time.perf_counter()
                     sft_eval = _evaluate(trainer, splits, eval_env_kwargs)
-                    write_json_atomic(sft_path, {"eval": sft_eval, "sft": trainer.sft_summary,
+                    write_json_atomic(sft_path, {"eval": sft_eval, "sft": trainer.start_summary,
                                            "trainer_init_wall_s": init_s, "sft_built_here": sft_built,
                                            "wall_s": time.perf_counter() - t_eval})
                     timings["sft_eval_wall_s"] = time.perf_counter() - t_eval
@@ -280,7 +280,7 @@ def run_compare(algos, seeds, workdir: str, overrides: dict, splits: dict[str, i
                       "env_steps": trainer.rollout.total_env_steps,
                       "wall_s_this_invocation": time.perf_counter() - t0,
                       "train_wall_s": train_s, "eval_wall_s": eval_s, "trainer_init_wall_s": init_s,
-                      "config": config.to_dict()}
+                      "config": config.to_flat_dict()}
             write_json_atomic(d / "result.json", result)
             timings["runs_trained"] += 1
             timings["run_wall_s"][f"{algo}/{seed}"] = result["wall_s_this_invocation"]
@@ -364,7 +364,7 @@ def compare_main(argv=None) -> dict:
 
     from benchmarks._common import RESULTS_DIR
     from benchmarks.paper_curves import alfworld_markdown
-    from coso_jax.rl.config import ALGOS, parse_overrides, preset
+    from coso_jax.rl.config import ALGOS, PPOConfig, parse_overrides, ppo_preset
 
     ap = argparse.ArgumentParser(description="ALFWorld: CoSo vs entropy vs none over the six task types")
     ap.add_argument("--algos", default=",".join(ALGOS))
@@ -378,10 +378,12 @@ def compare_main(argv=None) -> dict:
     ap.add_argument("--unseen_games", type=int, default=None,
                     help=f"unseen-split games per task type (default {COMPARE_UNSEEN_GAMES}; smoke 0)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                    help="any TrainConfig field, for every run (repeatable; over the comparison's defaults)")
+                    help="any PPOConfig field (flat or dotted name), for every run (repeatable; over the "
+                         "comparison's defaults)")
     ap.add_argument("--smoke", action="store_true", help="1 seed, tiny settings, short evaluation (tests)")
     ap.add_argument("--report_only", action="store_true", help="only collect finished runs and write the JSON")
     ap.add_argument("--no_progress", action="store_true")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks of user errors (also COSO_DEBUG=1)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -398,11 +400,11 @@ def compare_main(argv=None) -> dict:
         ap.error("--seeds: need at least one seed")
     overrides = dict(SMOKE_OVERRIDES if args.smoke else COMPARE_OVERRIDES)
     try:
-        overrides.update(parse_overrides(args.set))
+        overrides.update(parse_overrides(args.set, PPOConfig))
     except ValueError as err:
         ap.error(str(err))
     try:
-        example = preset("tiny_cpu", env="ALFWorld", algo=algos[0], seed=seeds[0], **overrides)
+        example = ppo_preset("tiny_cpu", env="ALFWorld", algo=algos[0], seed=seeds[0], **overrides)
     except (TypeError, ValueError) as err:
         ap.error(f"bad configuration: {err}")
     splits = {"test": args.eval_games if args.eval_games is not None else (1 if args.smoke else COMPARE_EVAL_GAMES),
@@ -418,8 +420,9 @@ def compare_main(argv=None) -> dict:
     collected = collect_compare(algos, seeds, workdir, splits)
     sft = collected["sft"] or {}
     shapes = {"num_envs": example.num_envs, "steps_per_update": example.steps_per_update,
-              "max_new_tokens": example.max_new_tokens, "image_size": example.image_size,
-              "patch_size": example.patch_size, "image_tokens": (example.image_size // example.patch_size) ** 2,
+              "max_new_tokens": example.model.max_new_tokens, "image_size": example.model.image_size,
+              "patch_size": example.model.patch_size,
+              "image_tokens": (example.model.image_size // example.model.patch_size) ** 2,
               "prompt_len": (sft.get("sft") or {}).get("prompt_len")}
     run_walls = [r["wall_s"] or 0.0 for r in collected["runs"]]
     tag = args.tag or ("smoke" if args.smoke else ("cpu" if jax.devices()[0].platform == "cpu" else "gpu"))
@@ -430,9 +433,9 @@ def compare_main(argv=None) -> dict:
         "algos": list(algos), "seeds": list(seeds), "smoke": args.smoke,
         "task_types": list(TASK_TYPES), "short_names": SHORT_NAMES,
         "eval": {"games_per_task_type": splits, "episode_max_steps": (eval_env_kwargs or {}).get("max_steps", 50),
-                 "temperature": example.temperature,
+                 "temperature": example.model.temperature,
                  "note": "each final policy plays games 0..n-1 of every task type of the split to their end"},
-        "overrides": overrides, "config_example": example.to_dict(), "shapes": shapes, "dtype": "float32",
+        "overrides": overrides, "config_example": example.to_flat_dict(), "shapes": shapes, "dtype": "float32",
         "calibration_note": None if args.smoke else COMPARE_NOTE,
         "table": collected["table"], "runs": collected["runs"],
         "sft_start": {"summary": sft.get("sft"), "trainer_init_wall_s": sft.get("trainer_init_wall_s"),
@@ -448,16 +451,27 @@ def compare_main(argv=None) -> dict:
 
 
 def main(argv=None) -> dict | None:
+    """The env benchmark, or with --compare the comparison. A user error (a bad --set value, a busy or
+    foreign run directory, a checkpoint from other settings) exits with status 2 and one line on stderr
+    (--debug, or COSO_DEBUG=1, shows the traceback)."""
     import sys
 
+    from coso_jax.rl.run import exit_on_user_error
+
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
     if "--compare" in argv:
-        return compare_main([a for a in argv if a != "--compare"])
+        return exit_on_user_error(lambda: compare_main([a for a in argv if a != "--compare"]), debug=debug)
+    return exit_on_user_error(lambda: env_main(argv), debug=debug)
+
+
+def env_main(argv) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gen_seeds", type=int, default=20)
     ap.add_argument("--plain_steps", type=int, default=40)
     ap.add_argument("--fast_steps", type=int, default=400)
     ap.add_argument("--env_steps", type=int, default=400)
+    ap.add_argument("--debug", action="store_true", help="show tracebacks of user errors (also COSO_DEBUG=1)")
     args = ap.parse_args(argv)
     load0 = os.getloadavg()[0]
     gen = bench_generation(args.gen_seeds)
@@ -484,7 +498,7 @@ def main(argv=None) -> dict | None:
     write_results("alfworld_cpu", {
         "what": "ALFWorld generated games: generation + engine speed, unmodified TextWorld PDDL engine vs "
                 "our memoised fast path; one process, random agent over admissible commands",
-        "args": vars(args),
+        "args": {k: v for k, v in vars(args).items() if k != "debug"},
         "load_avg_1min_start": load0,
         "load_avg_1min_end": os.getloadavg()[0],
         "summary": summary,

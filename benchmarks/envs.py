@@ -83,7 +83,14 @@ def main() -> None:
     parser.add_argument("--num_envs", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--images", default=None, help="also write sample observations to this dir")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors (also COSO_DEBUG=1)")
     args = parser.parse_args()
+    from coso_jax.rl.run import exit_on_user_error
+
+    exit_on_user_error(lambda: run(args), debug=args.debug)
+
+
+def run(args: argparse.Namespace) -> None:
     if args.images:
         write_sample_images(args.images)
     results = {}

@@ -1,6 +1,6 @@
 """Time per phase of one online iteration for algo none / entropy / coso, and CoSo's overhead.
 
-    python -m benchmarks.iteration [--iterations 3] [--sft_dir DIR] [--set name=value ...]
+    python -m benchmarks.iteration [--iterations 3] [--sft_dir DIR] [--set name=value ...] [--out DIR]
 
 The same config (the `tiny_cpu` preset unless --set overrides it) runs for each algo from the same
 cached SFT start. Each algo first runs one warm-up iteration (compiles: reported apart), then
@@ -8,7 +8,9 @@ cached SFT start. Each algo first runs one warm-up iteration (compiles: reported
 from other processes on a shared machine hits all alike. Phases come from the trainer's PhaseTimer:
 `rollout` (sampling + env steps + bootstrap value), `causal` (coso only: online classifier update +
 counterfactual effects + weights; split here into its two parts), `update` (the jitted PPO update).
-"Iteration" is the wall-clock time of `Trainer.run_iteration` (phases + GAE, replay, bookkeeping).
+"Iteration" is the wall-clock time of `PPOTrainer.run_iteration` (phases + GAE, replay, bookkeeping).
+Recompiles during the measured iterations are counted from the kernel's and sampler's trace counters
+and from jax.monitoring's backend-compile events (`benchmarks._common.CompileCounter`).
 
 CoSo's overhead = causal time / coso iteration time. Paper: 0.5 of 14.5 GPU-hours (3.6%).
 An analytic FLOP estimate of the causal work vs the policy's work is printed for the measured tiny
@@ -18,7 +20,6 @@ explain the measured figure. Writes benchmarks/results/iteration_<platform>.json
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import tempfile
@@ -30,14 +31,15 @@ import jax
 import numpy as np
 from flax import nnx
 
-from benchmarks._common import write_results
+from benchmarks._common import CompileCounter, write_results
 from coso_jax import sampling
 from coso_jax.causal import classifier as clf
 from coso_jax.causal import effects as effects_lib
 from coso_jax.models.clip import CLIPVisionConfig
 from coso_jax.models.llama import DecoderConfig
-from coso_jax.rl.config import TrainConfig, preset
-from coso_jax.rl.trainer import Trainer
+from coso_jax.rl.config import PPOConfig, parse_overrides, ppo_preset
+from coso_jax.rl.ppo.trainer import PPOTrainer
+from coso_jax.rl.run import iteration_key
 
 ALGOS = ("none", "entropy", "coso")
 
@@ -110,9 +112,9 @@ def paper_flop_estimate(measured_scored_fraction: float) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
-def _timed(trainer: Trainer, name: str, sink: dict[str, float]) -> None:
-    """Wraps a (host-synchronising) trainer method to accumulate its wall time in sink[name]."""
-    fn = getattr(trainer, name)
+def _timed(obj: Any, method: str, sink: dict[str, float], name: str) -> None:
+    """Wraps a (host-synchronising) method of `obj` to accumulate its wall time in sink[name]."""
+    fn = getattr(obj, method)
 
     def wrapper(*args, **kwargs):
         start = time.perf_counter()
@@ -120,18 +122,17 @@ def _timed(trainer: Trainer, name: str, sink: dict[str, float]) -> None:
         sink[name] = sink.get(name, 0.0) + time.perf_counter() - start
         return out
 
-    setattr(trainer, name, wrapper)
+    setattr(obj, method, wrapper)
+
+
+def _iterate(trainer: PPOTrainer) -> dict[str, Any]:
+    """One `run_iteration` with the run's key for its iteration (as `Run.train` derives it); its record."""
+    return trainer.run_iteration(iteration_key(trainer.run_key, trainer.iteration)).record
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    overrides: dict[str, Any] = {}
-    for item in args.set:
-        name, _, raw = item.partition("=")
-        try:
-            overrides[name] = json.loads(raw)
-        except json.JSONDecodeError:
-            overrides[name] = raw
-    base = preset("tiny_cpu", progress=False, **overrides)
+    overrides = parse_overrides(args.set, PPOConfig)
+    base = ppo_preset("tiny_cpu", progress=False, **overrides)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="coso_bench_iteration_"))
     sft_dir = args.sft_dir or str(workdir / "sft")
     total = base.steps_per_update * (1 + args.iterations)
@@ -139,37 +140,44 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for algo in args.algos:
         cfg = base.replace(algo=algo, total_env_steps=total, sft_dir=sft_dir)
         start = time.perf_counter()
-        tr = Trainer(cfg, workdir / algo)
+        tr = PPOTrainer(cfg, workdir / algo)
         setup_s = time.perf_counter() - start
         sub[algo] = {}
-        _timed(tr, "update_classifier", sub[algo])
-        _timed(tr, "compute_causal_weights", sub[algo])
+        # The causal phase's two parts: the classifier's online update, then effects + weights.
+        _timed(tr.causal, "update_classifier", sub[algo], "update_classifier")
+        _timed(tr.causal, "weights", sub[algo], "compute_causal_weights")
         start = time.perf_counter()
-        rec = tr.run_iteration()
+        rec = _iterate(tr)
         warmup[algo] = {"setup_s": setup_s, "first_iteration_s": time.perf_counter() - start,
                         **{k: v for k, v in rec.items() if k.startswith("time/")}}
         sub[algo].clear()
         trainers[algo] = tr
-        print(f"[{algo}] setup {setup_s:.1f}s (SFT start: {tr.sft_summary.get('sft_seconds', 0):.0f}s when built), "
+        print(f"[{algo}] setup {setup_s:.1f}s (SFT start: {tr.start_summary.get('sft_seconds', 0):.0f}s when built), "
               f"warm-up iteration {warmup[algo]['first_iteration_s']:.1f}s (compiles)", flush=True)
 
     traces_before = effects_lib.trace_count()
     sample_traces_before = dict(sampling.compile_counts())
+    compiles = CompileCounter().start()
     records: dict[str, list[dict[str, Any]]] = {a: [] for a in args.algos}
     for it in range(args.iterations):
         for algo in args.algos:
             tr = trainers[algo]
             before = dict(sub[algo])
             start = time.perf_counter()
-            rec = tr.run_iteration()
+            rec = _iterate(tr)
             rec["wall_s"] = time.perf_counter() - start
             for name in ("update_classifier", "compute_causal_weights"):
                 rec[f"sub/{name}"] = sub[algo].get(name, 0.0) - before.get(name, 0.0)
             records[algo].append(rec)
             print(f"[{algo}] iteration {it + 1}: {rec['wall_s']:.2f}s "
                   + " ".join(f"{k[5:]}={v:.2f}" for k, v in rec.items() if k.startswith("time/")), flush=True)
+    compiles.stop()
+    # The PPO trainer samples through its own module-level jits (`sample_step`, `value_step`), which the
+    # sampling module's trace counter does not see: their XLA compiles count here too.
     recompiles = {"counterfactual_kernel_traces": effects_lib.trace_count() - traces_before,
-                  "sampler_traces": sum(sampling.compile_counts().values()) - sum(sample_traces_before.values())}
+                  "sampler_traces": sum(sampling.compile_counts().values()) - sum(sample_traces_before.values())
+                  + compiles.matching("sample_step", "value_step"),
+                  "backend_compiles": compiles.total}
 
     def med(algo: str, key: str) -> float:
         values = [r.get(key, 0.0) for r in records[algo]]
@@ -189,7 +197,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "invalid_action_rate": float(np.mean([r["invalid_action_rate"] for r in records[algo]])),
             "response_tokens": float(np.mean([r["response_tokens"] for r in records[algo]])),
         }
-    result: dict[str, Any] = {"config": base.replace(total_env_steps=total).to_dict(),
+    result: dict[str, Any] = {"config": base.replace(total_env_steps=total).to_flat_dict(),
                               "measured_iterations": args.iterations, "per_algo": per_algo,
                               "recompiles_during_measurement": recompiles}
     if "coso" in per_algo:
@@ -203,24 +211,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # FLOP model for the measured config.
         tr = trainers["coso"]
         cfg = tr.config
-        model_cfg = tr.model.policy.config
-        flat = tr._last_texts[1]
+        policy = nnx.merge(tr.graphdef, tr.params).policy  # the current weights (their shapes are what counts)
+        classifier = tr.causal.sync_classifier()
+        model_cfg = policy.config
+        flat = tr.last_batch
         valid_rows = flat["valid"]
-        skip = tr.skip_vocab[np.clip(flat["response_ids"], 0, len(tr.skip_vocab) - 1)]
+        skip_vocab = tr.causal.skip_vocab
+        skip = skip_vocab[np.clip(flat["response_ids"], 0, len(skip_vocab) - 1)]
         scored = (flat["response_mask"] & ~skip & valid_rows[:, None]).sum(1).mean()
         resp = float(flat["response_mask"].sum(1).mean())
         lengths = flat["response_mask"].sum(1)
-        bucket = float(np.mean([effects_lib.bucket_length(max(int(n), 1), cfg.max_new_tokens) for n in lengths]))
-        tiny = flop_model(dec=model_cfg.text, vis=model_cfg.vision, vision_tiles=1, cls=tr.classifier.config,
+        max_new = cfg.model.max_new_tokens
+        bucket = float(np.mean([effects_lib.bucket_length(max(int(n), 1), max_new) for n in lengths]))
+        tiny = flop_model(dec=model_cfg.text, vis=model_cfg.vision, vision_tiles=1, cls=classifier.config,
                           steps=cfg.steps_per_update, prompt=float(tr.encoder.prompt_len), response=resp,
-                          ppo_epochs=cfg.ppo_epochs, causal_batch=cfg.causal_batch, causal_epochs=cfg.causal_epochs,
-                          replay_len=cfg.max_new_tokens, scored_positions=float(scored), bucket_len=bucket)
+                          ppo_epochs=cfg.ppo_epochs, causal_batch=cfg.causal.batch, causal_epochs=cfg.causal.epochs,
+                          replay_len=max_new, scored_positions=float(scored), bucket_len=bucket)
         params = {
-            "policy_decoder": _count(nnx.state(tr.model.policy, nnx.Param)) - _count(
-                nnx.state(tr.model.policy.vision_tower, nnx.Param)) if hasattr(tr.model.policy, "vision_tower") else None,
-            "policy_total": _count(nnx.state(tr.model.policy, nnx.Param)),
-            "classifier_total": _count(nnx.state(tr.classifier, nnx.Param)),
-            "classifier_config": {k: getattr(tr.classifier.config, k) for k in
+            "policy_decoder": _count(nnx.state(policy, nnx.Param)) - _count(
+                nnx.state(policy.vision_tower, nnx.Param)) if hasattr(policy, "vision_tower") else None,
+            "policy_total": _count(nnx.state(policy, nnx.Param)),
+            "classifier_total": _count(nnx.state(classifier, nnx.Param)),
+            "classifier_config": {k: getattr(classifier.config, k) for k in
                                   ("hidden_size", "num_layers", "ffn_size", "vocab_size")},
         }
         measured_split = {
@@ -242,10 +254,22 @@ def main() -> None:
     parser.add_argument("--algos", default=",".join(ALGOS))
     parser.add_argument("--workdir", default=None, help="run directories (default: a fresh temp dir)")
     parser.add_argument("--sft_dir", default=None, help="cached SFT start to reuse (default: <workdir>/sft)")
-    parser.add_argument("--set", action="append", default=[], help="TrainConfig override name=value")
+    parser.add_argument("--set", action="append", default=[],
+                        help="PPOConfig override name=value (flat or dotted name; repeatable)")
     parser.add_argument("--name", default=None, help="results file name (default iteration_<platform>)")
+    parser.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors (also COSO_DEBUG=1)")
     args = parser.parse_args()
     args.algos = [a for a in args.algos.split(",") if a]
+    bad = [a for a in args.algos if a not in ALGOS]
+    if not args.algos or bad:
+        parser.error(f"--algos: unknown {bad or 'empty list'}; choose from {list(ALGOS)}")
+    from coso_jax.rl.run import exit_on_user_error
+
+    exit_on_user_error(lambda: report(args), debug=args.debug)
+
+
+def report(args: argparse.Namespace) -> None:
     result = run(args)
     per = result["per_algo"]
     print("\nmedian seconds per iteration (after warm-up):")
@@ -270,7 +294,7 @@ def main() -> None:
                    "causal_batch": result["config"]["causal_batch"]},
         "dtype": "float32",
         **result,
-    })
+    }, out_dir=args.out)
 
 
 if __name__ == "__main__":

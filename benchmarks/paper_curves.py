@@ -9,12 +9,13 @@ Other benchmarks' JSON, where it exists, adds a panel and a table: `--web_result
 `benchmarks.web --digirl`) and `--alfworld_results` (ALFWorld, six task types, per-task-type success and
 progress, `benchmarks.alfworld --compare`).
 
-Every (game, algo, seed) run is an ordinary `Trainer` run under
+Every (game, algo, seed) run is an ordinary `PPOTrainer` run under
 ``<workdir>/<game>/<algo>/seed_<k>/`` (metrics.jsonl, TensorBoard, checkpoints). A run that finished
 has ``result.json`` and is skipped on the next invocation; a run that was interrupted resumes from its
 last checkpoint. All algos and seeds of a game start from the same cached SFT policy and classifier
-(``<workdir>/sft/``), and all runs of a game share compiled steps through one `StepCache`, so only
-the first run of each (game, algo) pays for compilation.
+(``<workdir>/sft/``), and the trainer's jitted steps are defined once at module level (static
+arguments: the model structure and settings), so all runs of a game in one process share compiled
+programs and only the first run of each game pays for compilation.
 
 Outputs (``--out``, default ``benchmarks/results/``): ``paper_curves_<tag>.png`` (one panel per game,
 success rate vs env steps, mean +/- standard error over seeds, one line per algo),
@@ -40,10 +41,18 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from benchmarks._common import (RESULTS_DIR, device_description, fmt_mean_se, parse_seeds, read_json,
-                                write_json_atomic, write_results)
+from benchmarks._common import (
+    RESULTS_DIR,
+    device_description,
+    fmt_mean_se,
+    parse_seeds,
+    read_json,
+    write_json_atomic,
+    write_results,
+)
 from coso_jax import metrics as metrics_lib
-from coso_jax.rl.config import ALGOS, GYM_CARDS_ENVS, PRESETS, parse_overrides, preset
+from coso_jax import plots
+from coso_jax.rl.config import ALGOS, GYM_CARDS_ENVS, PRESETS, PPOConfig, parse_overrides, ppo_preset
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +102,8 @@ class GridSpec:
     progress: bool = True
 
     def config(self, env: str, algo: str, seed: int):
-        return preset(self.preset, env=env, algo=algo, seed=seed, progress=False,
-                      **dict(self.overrides))
+        return ppo_preset(self.preset, env=env, algo=algo, seed=seed, progress=False,
+                          **dict(self.overrides))
 
     def run_dir(self, env: str, algo: str, seed: int) -> Path:
         return Path(self.workdir) / env / algo / f"seed_{seed}"
@@ -102,17 +111,17 @@ class GridSpec:
 
 def run_grid(spec: GridSpec) -> dict[str, Any]:
     """Runs (or resumes, or skips) every run of the grid; returns per-run results and timings."""
-    from coso_jax.rl.trainer import StepCache, Trainer
+    from coso_jax.rl.ppo.trainer import PPOTrainer
 
     # Seed-major order: an interrupted or time-boxed grid still holds every game and algo with as
-    # many seeds as it got through. SFT starts are cached per game, compiled steps per game.
+    # many seeds as it got through. SFT starts are cached per game; compiled steps are shared by every
+    # run of the process with the same shapes (module-level jits), i.e. per game.
     runs = [(env, algo, seed) for seed in spec.seeds for env in spec.envs for algo in spec.algos]
     done = {run: _read_result(spec.run_dir(*run)) for run in runs}
     bar = metrics_lib.progress_bar(len(runs), desc="paper_curves", disable=not spec.progress,
                                    initial=sum(r is not None for r in done.values()))
     timings = {"runs_trained": 0, "runs_skipped": sum(r is not None for r in done.values()),
                "run_wall_s": {}, "sft_eval_wall_s": {}}
-    caches: dict[str, StepCache] = {}  # per game: its prompts fix the sampler's and update's shapes
     start = time.perf_counter()
     try:
         for run in [run for run in runs if done[run] is None]:
@@ -123,13 +132,13 @@ def run_grid(spec: GridSpec) -> dict[str, Any]:
             resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
             bar.set_scalars({"run": f"{env}/{algo}/{seed}" + (" (resumed)" if resume else "")})
             t0 = time.perf_counter()
-            trainer = Trainer(config, run_dir, resume=resume, step_cache=caches.setdefault(env, StepCache()))
+            trainer = PPOTrainer(config, run_dir, resume=resume)
             try:
                 sft_eval_path = Path(spec.workdir) / f"sft_eval_{env}.json"
                 if not sft_eval_path.exists():
                     # The SFT start's success, on the same evaluation envs as every final policy.
                     t_eval = time.perf_counter()
-                    sft_eval = dict(trainer.evaluate(spec.eval_steps), sft=trainer.sft_summary)
+                    sft_eval = dict(trainer.evaluate(spec.eval_steps), sft=trainer.start_summary)
                     write_json_atomic(sft_eval_path, sft_eval)
                     timings["sft_eval_wall_s"][env] = time.perf_counter() - t_eval
                 trainer.train()
@@ -169,9 +178,7 @@ def _record_invocation(spec: GridSpec, timings: dict[str, Any]) -> None:
 
 
 def _sft_dir(spec: GridSpec, config) -> Path:
-    from coso_jax.rl.trainer import sft_fingerprint
-
-    return Path(spec.workdir) / "sft" / f"{config.env}-{config.preset}-{sft_fingerprint(config)[:10]}"
+    return Path(spec.workdir) / "sft" / f"{config.env}-{config.preset}-{config.start_fingerprint()[:10]}"
 
 
 def _read_result(run_dir: Path) -> dict[str, Any] | None:
@@ -355,7 +362,7 @@ def report(spec: GridSpec, out_dir: Path, tag: str, timings: dict[str, Any] | No
     out_dir.mkdir(parents=True, exist_ok=True)
     png = out_dir / f"paper_curves_{tag}.png"
     if panels:
-        metrics_lib.plot_mean_se_panels(
+        plots.plot_mean_se_panels(
             panels, png, ncols=2 if len(panels) > 1 else 1, xlabels={WEB_PANEL: "online trajectories"},
             title=f"{spec.preset} preset: success (mean ± SE over seeds)")
     history = read_json(_timings_path(spec)) or []
@@ -383,7 +390,7 @@ def report(spec: GridSpec, out_dir: Path, tag: str, timings: dict[str, Any] | No
         "grid": {"envs": list(spec.envs), "algos": list(spec.algos), "seeds": list(spec.seeds),
                  "preset": spec.preset, "overrides": dict(spec.overrides),
                  "eval_steps": spec.eval_steps, "peak_min_episodes": spec.peak_min_episodes},
-        "config_example": spec.config(spec.envs[0], spec.algos[0], spec.seeds[0]).to_dict(),
+        "config_example": spec.config(spec.envs[0], spec.algos[0], spec.seeds[0]).to_flat_dict(),
         "dtype": "float32",
         "table": table,
         "statements": [statement(env, row) for env, row in table.items()],
@@ -419,10 +426,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[GridSpec, argparse.Na
     parser.add_argument("--eval_steps", type=int, default=None)
     parser.add_argument("--peak_min_episodes", type=int, default=50)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="any TrainConfig field, for every run (repeatable)")
+                        help="any PPOConfig field (flat or dotted name), for every run (repeatable)")
     parser.add_argument("--smoke", action="store_true", help="1 seed, 2 tiny iterations per run")
     parser.add_argument("--report_only", action="store_true", help="only re-draw figure and tables")
     parser.add_argument("--no_progress", action="store_true")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors (also COSO_DEBUG=1)")
     parser.add_argument("--web_results", default=str(RESULTS_DIR / "web_digirl_cpu.json"),
                         help="benchmarks.web --digirl JSON drawn as the device-control panel if it exists "
                              "('' for none)")
@@ -449,7 +457,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[GridSpec, argparse.Na
         parser.error("--seeds: need at least one seed")
     overrides = dict(SMOKE_OVERRIDES) if args.smoke else {}
     try:
-        overrides.update(parse_overrides(args.set))
+        overrides.update(parse_overrides(args.set, PPOConfig))
     except ValueError as err:
         parser.error(str(err))
     eval_steps = args.eval_steps or (32 if args.smoke else 512)
@@ -466,8 +474,16 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[GridSpec, argparse.Na
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Runs the grid (unless --report_only) and writes the report. A user error (a busy or foreign run
+    directory, a checkpoint from other settings, a missing file) exits with status 2 and one line."""
+    from coso_jax.rl.run import exit_on_user_error
+
     logging.basicConfig(level=logging.WARNING)
     spec, args = parse_args(argv)
+    return exit_on_user_error(lambda: _run(spec, args), debug=args.debug)
+
+
+def _run(spec: GridSpec, args: argparse.Namespace) -> dict[str, Any]:
     timings = None if args.report_only else run_grid(spec)["timings"]
     import jax
 

@@ -161,8 +161,14 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--torch_threads", type=int, default=2)
     parser.add_argument("--name", default=None, help="results file name (default sampler_<platform>)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors (also COSO_DEBUG=1)")
     args = parser.parse_args()
+    from coso_jax.rl.run import exit_on_user_error
 
+    exit_on_user_error(lambda: run(args), debug=args.debug)
+
+
+def run(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.torch_threads)

@@ -17,8 +17,9 @@ the general suite, seeds interleaved (seed 0 of every algo, then seed 1, ...), a
 the jitted steps compile once. Each run: the shared behaviour-cloned start (built once, cached in
 --workdir), the offline stage, `--online-iterations` online iterations, then success on the suite's
 first `--eval-episodes` fixed test episodes. Also times one critic update for a separate critic
-encoder vs heads on the shared policy trunk. A run that would start after `--budget-min` is skipped
-and listed as such. Writes benchmarks/results/web_digirl_cpu.json and web_digirl_cpu.png.
+encoder vs heads on the shared policy trunk (`critic_timing`). A run that would start after
+`--budget-min` is skipped and listed as such. Writes benchmarks/results/web_digirl_cpu.json and
+web_digirl_cpu.png.
 """
 from __future__ import annotations
 
@@ -102,11 +103,51 @@ def run(n: int, task: str, seconds: float) -> dict[str, Any]:
     }
 
 
+def critic_timing(trainer: Any, trunk: str, repeats: int = 3) -> dict[str, float]:
+    """Seconds per critic update (`critic_epochs` Adam steps of `critic_batch` transitions, s and s')
+    and per advantage pass (64 transitions) for a fresh critic of `trunk` ("separate" / "shared") on a
+    `DigiRLTrainer`'s replay and current policy, through the library's module-level jitted steps
+    (`coso_jax.rl.digirl.steps.critic_update` / `critic_values`). The first call (compilation) is
+    reported separately; the trainer's own critics are untouched."""
+    import jax
+    from flax import nnx
+
+    from coso_jax.rl.digirl import steps
+    from coso_jax.rl.digirl.critics import build_critics
+
+    c = trainer.config.replace(critic_trunk=trunk)
+    policy = nnx.merge(trainer.policy_gd, trainer.params)
+    critics = build_critics(trunk, len(trainer.tokenizer), c.model.image_size, c.critic_hidden,
+                            trainer.family.hidden_size(policy), c.run.seed + 11)
+    gd, params = nnx.split(critics, nnx.Param)
+    opt = steps.optimizer(c.critic_lr, c.max_grad_norm).init(params)
+    out: dict[str, float] = {"critic_params": float(sum(x.size for x in jax.tree.leaves(params)))}
+    times, adv_times = [], []
+    idx64 = trainer.replay.sample(64)
+    for _ in range(repeats + 1):
+        batches = trainer._epoch_batches(trainer.replay.indices(), steps.CRITIC_FIELDS, c.critic_epochs,
+                                         c.critic_batch)
+        t0 = time.perf_counter()
+        params, opt, m = steps.critic_update(trainer.policy_gd, gd, trainer.family, trainer.critic_settings, params,
+                                             opt, trainer.params, batches)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        jax.block_until_ready(steps.critic_values(trainer.policy_gd, gd, trainer.family, trainer.critic_settings,
+                                                  params, trainer.params,
+                                                  trainer.replay.batch(idx64, steps.CRITIC_FIELDS + ("reward",))))
+        adv_times.append(time.perf_counter() - t0)
+    out.update(first_update_s=times[0], update_s=float(np.median(times[1:])), first_advantage_s=adv_times[0],
+               advantage_64_s=float(np.median(adv_times[1:])))
+    return out
+
+
 def run_digirl(args: argparse.Namespace) -> None:
     import logging
 
     logging.getLogger("absl").setLevel(logging.WARNING)
-    from coso_jax.rl import digirl
+    from coso_jax.rl.config import digirl_preset
+    from coso_jax.rl.digirl.trainer import DigiRLTrainer
 
     start_time = time.perf_counter()
     budget_s = 60.0 * args.budget_min
@@ -114,8 +155,8 @@ def run_digirl(args: argparse.Namespace) -> None:
     overrides = dict(online_iterations=args.online_iterations, eval_episodes=args.eval_episodes,
                      sft_dir=os.path.join(workdir, "sft"), progress=False)
     runs, skipped, critic = [], [], None
-    probe = digirl.digirl_preset("tiny_cpu", env="web/general", **overrides)
-    start_cached = os.path.exists(os.path.join(probe.sft_dir, "summary.json"))  # built before this run's clock
+    probe = digirl_preset("tiny_cpu", env="web/general", **overrides)
+    start_cached = os.path.exists(os.path.join(probe.sft.dir, "summary.json"))  # built before this run's clock
     durations: list[float] = []
     for seed in args.seeds:
         for algo in args.algos:
@@ -126,17 +167,17 @@ def run_digirl(args: argparse.Namespace) -> None:
                 skipped.append({"algo": algo, "seed": seed, "reason": f"budget ({args.budget_min} min) spent"})
                 print(f"skip {algo} seed {seed}: budget spent", flush=True)
                 continue
-            cfg = digirl.digirl_preset("tiny_cpu", env="web/general", algo=algo, seed=seed, **overrides)
+            cfg = digirl_preset("tiny_cpu", env="web/general", algo=algo, seed=seed, **overrides)
             run_dir = os.path.join(workdir, f"{algo}_s{seed}_{int(time.time())}")
             t0 = time.perf_counter()
-            trainer = digirl.DigiRLTrainer(cfg, run_dir)
+            trainer = DigiRLTrainer(cfg, run_dir)
             try:
                 setup_s = time.perf_counter() - t0
                 history = trainer.train()
                 train_s = time.perf_counter() - t0 - setup_s
                 result = trainer.evaluate()
                 if critic is None and args.critic_timing:
-                    critic = {trunk: digirl.critic_timing(trainer, trunk) for trunk in ("separate", "shared")}
+                    critic = {trunk: critic_timing(trainer, trunk) for trunk in ("separate", "shared")}
                     print(f"critic timing: {critic}", flush=True)
                 start_summary = trainer.start_summary
             finally:
@@ -165,11 +206,11 @@ def run_digirl(args: argparse.Namespace) -> None:
                             if r["online_success_per_iteration"]])
         summary[algo] = {"seeds": [r["seed"] for r in rows], "test_success_mean": m, "test_success_se": se,
                          "online_success_mean": om, "online_success_se": ose}
-    cfg = digirl.digirl_preset("tiny_cpu", **overrides)
+    cfg = digirl_preset("tiny_cpu", **overrides)
     payload = {
         "what": "DigiRL off2on on the MiniWoB++ general suite (tiny LLaVA from scratch, CPU): none vs entropy vs "
                 "coso; test success on the suite's fixed test episodes after training",
-        "config": {k: v for k, v in cfg.to_dict().items() if k not in ("algo", "seed", "sft_dir")},
+        "config": {k: v for k, v in cfg.to_flat_dict().items() if k not in ("algo", "seed", "sft_dir")},
         "start": start_summary if runs else None,
         "start_was_cached": start_cached,
         "summary": summary,
@@ -236,7 +277,14 @@ def main() -> None:
     parser.add_argument("--budget-min", type=float, default=25.0)
     parser.add_argument("--critic-timing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--workdir", default="runs/bench_web_digirl")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors (also COSO_DEBUG=1)")
     args = parser.parse_args()
+    from coso_jax.rl.run import exit_on_user_error
+
+    exit_on_user_error(lambda: run_main(args), debug=args.debug)
+
+
+def run_main(args: argparse.Namespace) -> None:
     from coso_jax.envs.web import browser_unavailable_reason
 
     reason = browser_unavailable_reason()

@@ -32,6 +32,7 @@ __all__ = [
     "normalise_advantages",
     "ppo_policy_loss",
     "value_loss",
+    "soft_rewards",
     "soft_q_target",
     "soft_value_target",
     "filtered_pg_loss",
@@ -77,7 +78,7 @@ def _check_mask(name: str, x: jax.Array, mask: jax.Array | None) -> jax.Array | 
 
 
 # ---------------------------------------------------------------------------------------------
-# Entropies (DESIGN.md step 5).
+# Entropies (docs/design.md, step 5).
 def token_entropy(logits: jax.Array, mask: jax.Array) -> jax.Array:
     """Per-token entropy of the next-token distribution, in nats.
 
@@ -290,7 +291,26 @@ def value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array,
 
 
 # ---------------------------------------------------------------------------------------------
-# Soft RL targets (DESIGN.md step 6).
+# Soft RL targets (docs/design.md, step 6).
+def soft_rewards(rewards: jax.Array, entropy_bonus: jax.Array, alpha: float | jax.Array) -> jax.Array:
+    """Entropy-augmented rewards r_t + alpha * H_B(y_t) (CoSo's soft objective, paper Sec. 4.2).
+
+    Returns, GAE or Monte-Carlo returns computed on them estimate the soft value
+    V(s_t) = E[sum_k gamma^k (r_{t+k} + alpha * H_B(y_{t+k}))]. `entropy_bonus` is H_B of each step's
+    action text under the behaviour policy (`weighted_entropy` of its token entropies with the algo's
+    weights), a constant (stop-gradient).
+
+    Args:
+      rewards: [...] float. entropy_bonus: [...] same shape, nats. alpha: the entropy coefficient.
+    Returns:
+      float32 [...].
+    """
+    rewards = jnp.asarray(rewards, jnp.float32)
+    entropy_bonus = jax.lax.stop_gradient(jnp.asarray(entropy_bonus, jnp.float32))
+    _check_same_shape("rewards", rewards, "entropy_bonus", entropy_bonus)
+    return rewards + alpha * entropy_bonus
+
+
 def soft_q_target(rewards: jax.Array, dones: jax.Array, next_values: jax.Array,
                   gamma: float) -> jax.Array:
     """r + gamma * (1 - done) * V(s'), with V a soft value. All [...] -> float32 [...].

@@ -1,4 +1,5 @@
-"""Training metrics: JSONL + TensorBoard scalars, success tracking, timers, bars and plots.
+"""Training metrics: JSONL + TensorBoard scalars, success tracking, timers and progress bars
+(plots are in `coso_jax.plots`).
 
 * :class:`MetricsWriter` — one JSON record per iteration in ``<workdir>/metrics.jsonl``
   and the same scalars in TensorBoard event files under ``<workdir>/tb/``. A resumed run
@@ -11,8 +12,7 @@
   means something if the phase waits for its outputs: pass them to ``phase.block(...)``
   (the trainer does so at every phase end; it calls ``jax.block_until_ready``).
 * :func:`progress_bar` — a tqdm bar that stays quiet when stderr is not a terminal.
-* :func:`plot_curves`, :func:`plot_mean_se`, :func:`mean_se` — matplotlib (Agg) PNGs of
-  success rate vs environment steps, one run or several seeds with mean ± standard error.
+* :func:`mean_and_se` — mean and standard error of a list of values (seeds).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +36,6 @@ __all__ = [
     "ProgressBar",
     "SuccessTracker",
     "mean_and_se",
-    "mean_se",
-    "plot_curves",
-    "plot_mean_se",
-    "plot_mean_se_panels",
     "progress_bar",
     "read_jsonl",
     "to_scalar",
@@ -228,8 +224,7 @@ class SuccessTracker:
 
     As in RL4VLM, an episode is a success iff its return is > 0, unless :meth:`add_episode` is given
     an explicit flag (ALFWorld: ``info["won"]``; shaped rewards make the return's sign no success
-    signal). Feed finished episodes with :meth:`add_episode`, or per-step vectors of rewards and done
-    flags with :meth:`update` (returns and lengths are accumulated per environment).
+    signal). Feed finished episodes with :meth:`add_episode`.
     """
 
     def __init__(self, window: int = 100) -> None:
@@ -238,8 +233,6 @@ class SuccessTracker:
         self.window = int(window)
         self._episodes: collections.deque[tuple[float, int]] = collections.deque(maxlen=self.window)
         self._successes: collections.deque[bool] = collections.deque(maxlen=self.window)
-        self._running_return: np.ndarray | None = None
-        self._running_length: np.ndarray | None = None
         self.total_episodes = 0
 
     def add_episode(self, episode_return: float, length: int, success: bool | None = None) -> None:
@@ -247,35 +240,6 @@ class SuccessTracker:
         self._episodes.append((float(episode_return), int(length)))
         self._successes.append(bool(episode_return > 0 if success is None else success))
         self.total_episodes += 1
-
-    def update(self, rewards: Any, dones: Any) -> list[tuple[float, int]]:
-        """Adds one environment step for each of N envs; returns the episodes it finished.
-
-        Args:
-          rewards: float[N] rewards of this step.
-          dones: bool[N], true where the episode ended with this step (terminated or
-            truncated); that env's accumulators restart at zero.
-        """
-        rewards = np.asarray(rewards, dtype=np.float64).reshape(-1)
-        dones = np.asarray(dones, dtype=bool).reshape(-1)
-        if rewards.shape != dones.shape:
-            raise ValueError(f"rewards {rewards.shape} and dones {dones.shape} differ in shape")
-        if self._running_return is None:
-            self._running_return = np.zeros_like(rewards)
-            self._running_length = np.zeros(rewards.shape, dtype=np.int64)
-        if rewards.shape != self._running_return.shape:
-            raise ValueError(f"expected {self._running_return.shape[0]} envs, got {rewards.shape[0]}")
-        assert self._running_length is not None
-        self._running_return += rewards
-        self._running_length += 1
-        finished = []
-        for i in np.flatnonzero(dones):
-            episode = (float(self._running_return[i]), int(self._running_length[i]))
-            self.add_episode(*episode)
-            finished.append(episode)
-        self._running_return[dones] = 0.0
-        self._running_length[dones] = 0
-        return finished
 
     def __len__(self) -> int:
         return len(self._episodes)
@@ -315,8 +279,6 @@ class SuccessTracker:
             "episodes": [[r, n] for r, n in self._episodes],
             "successes": list(self._successes),
             "total_episodes": self.total_episodes,
-            "running_return": None if self._running_return is None else self._running_return.tolist(),
-            "running_length": None if self._running_length is None else self._running_length.tolist(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -329,9 +291,6 @@ class SuccessTracker:
             saved = [r > 0 for r, _ in self._episodes]
         self._successes = collections.deque((bool(x) for x in saved), maxlen=self.window)
         self.total_episodes = int(state["total_episodes"])
-        rr, rl = state.get("running_return"), state.get("running_length")
-        self._running_return = None if rr is None else np.asarray(rr, dtype=np.float64)
-        self._running_length = None if rl is None else np.asarray(rl, dtype=np.int64)
 
 
 # --------------------------------------------------------------------------- timing
@@ -375,7 +334,6 @@ class PhaseTimer:
 
     def __init__(self) -> None:
         self._totals: dict[str, float] = {}
-        self._counts: dict[str, int] = {}
 
     @contextlib.contextmanager
     def phase(self, name: str, *wait_first: Any) -> Iterator[_Phase]:
@@ -396,12 +354,6 @@ class PhaseTimer:
                 _block(handle._pending)
             elapsed = time.perf_counter() - start
             self._totals[name] = self._totals.get(name, 0.0) + elapsed
-            self._counts[name] = self._counts.get(name, 0) + 1
-
-    def add(self, name: str, seconds: float) -> None:
-        """Adds an externally measured duration to ``name``."""
-        self._totals[name] = self._totals.get(name, 0.0) + float(seconds)
-        self._counts[name] = self._counts.get(name, 0) + 1
 
     def totals(self, prefix: str = "time/") -> dict[str, float]:
         """Seconds per phase (keys ``prefix + name``), plus ``prefix + "total"``."""
@@ -409,12 +361,8 @@ class PhaseTimer:
         out[f"{prefix}total"] = float(sum(self._totals.values()))
         return out
 
-    def counts(self) -> dict[str, int]:
-        return dict(self._counts)
-
     def reset(self) -> None:
         self._totals.clear()
-        self._counts.clear()
 
     def pop(self, prefix: str = "time/") -> dict[str, float]:
         """:meth:`totals`, then :meth:`reset` (call once per iteration)."""
@@ -478,69 +426,6 @@ def progress_bar(total: int | None, desc: str = "", *, disable: bool | None = No
     return ProgressBar(total, desc, disable=disable, initial=initial, file=file)
 
 
-# --------------------------------------------------------------------------- plots
-
-
-def _xy(records: Iterable[Mapping[str, Any]], x: str, y: str) -> tuple[np.ndarray, np.ndarray]:
-    xs, ys = [], []
-    for r in records:
-        xv, yv = r.get(x), r.get(y)
-        if xv is None or yv is None or isinstance(xv, str) or isinstance(yv, str):
-            continue
-        if not (math.isfinite(float(xv)) and math.isfinite(float(yv))):
-            continue
-        xs.append(float(xv))
-        ys.append(float(yv))
-    return np.asarray(xs), np.asarray(ys)
-
-
-def _figure():
-    # A bare Figure renders with Agg and never touches pyplot's global state or a display.
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.4, 4.2), dpi=120)
-    return fig, fig.add_subplot(1, 1, 1)
-
-
-def plot_curves(
-    source: str | os.PathLike[str] | Sequence[Mapping[str, Any]] | Mapping[str, Any],
-    out_png: str | os.PathLike[str],
-    *,
-    x: str = "env_steps",
-    y: str = "success_rate",
-    title: str | None = None,
-    xlabel: str | None = None,
-    ylabel: str | None = None,
-) -> Path:
-    """Plots ``y`` against ``x`` for one run or several and writes a PNG.
-
-    Args:
-      source: a JSONL path, a list of records, or a mapping label -> (path or records)
-        to draw several runs on one axis. Records missing ``x`` or ``y`` (or with null /
-        non-finite values) are skipped.
-      out_png: output file (parent directories are created).
-
-    Returns:
-      The PNG path. With no plottable point the figure says so (it is still written).
-    """
-    if isinstance(source, Mapping):
-        runs = {str(k): v for k, v in source.items()}
-    else:
-        runs = {"": source}
-    fig, ax = _figure()
-    drawn = 0
-    for label, run in runs.items():
-        records = read_jsonl(run) if isinstance(run, (str, os.PathLike)) else list(run)
-        xs, ys = _xy(records, x, y)
-        if xs.size:
-            ax.plot(xs, ys, marker="o" if xs.size < 30 else None, markersize=3, label=label or None)
-            drawn += 1
-    if not drawn:
-        ax.text(0.5, 0.5, f"no data for {y!r} vs {x!r}", ha="center", va="center", transform=ax.transAxes)
-    _decorate(ax, xlabel or x, ylabel or y, title, legend=drawn > 0 and any(runs))
-    return _save(fig, out_png)
-
-
 def mean_and_se(values: Iterable[Any]) -> tuple[float, float]:
     """Mean and standard error (std with ddof=1 / sqrt(n); 0 for one value) of the finite values.
 
@@ -553,126 +438,3 @@ def mean_and_se(values: Iterable[Any]) -> tuple[float, float]:
     return float(x.mean()), se
 
 
-def mean_se(
-    runs: Sequence[tuple[Any, Any]], *, num_points: int = 100
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean and standard error of several runs' curves on a common x grid.
-
-    Each run ``(x, y)`` (x increasing) is linearly interpolated onto ``num_points`` points
-    spanning the range all runs cover. SE = std(ddof=1) / sqrt(n); 0 for a single run.
-
-    Returns:
-      ``(grid, mean, se)``, each float64[num_points] (or [k] for k distinct x when every
-      run shares the same x values, which are then used as is).
-    """
-    cleaned = []
-    for i, (xs, ys) in enumerate(runs):
-        xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
-        if xs.shape != ys.shape or xs.ndim != 1:
-            raise ValueError(f"run {i}: x {xs.shape} and y {ys.shape} must be equal-length 1-D arrays")
-        ok = np.isfinite(xs) & np.isfinite(ys)
-        xs, ys = xs[ok], ys[ok]
-        if xs.size == 0:
-            raise ValueError(f"run {i} has no finite points")
-        order = np.argsort(xs, kind="stable")
-        cleaned.append((xs[order], ys[order]))
-    if not cleaned:
-        raise ValueError("mean_se needs at least one run")
-    if all(c[0].shape == cleaned[0][0].shape and np.array_equal(c[0], cleaned[0][0]) for c in cleaned):
-        grid = cleaned[0][0]
-        ys = np.stack([c[1] for c in cleaned])
-    else:
-        lo = max(c[0][0] for c in cleaned)
-        hi = min(c[0][-1] for c in cleaned)
-        if lo > hi:
-            raise ValueError(f"runs do not overlap in x (common range [{lo}, {hi}] is empty)")
-        grid = np.linspace(lo, hi, num_points) if hi > lo else np.asarray([lo])
-        ys = np.stack([np.interp(grid, cx, cy) for cx, cy in cleaned])
-    mean = ys.mean(axis=0)
-    se = ys.std(axis=0, ddof=1) / math.sqrt(ys.shape[0]) if ys.shape[0] > 1 else np.zeros_like(mean)
-    return grid, mean, se
-
-
-def plot_mean_se(
-    curves: Mapping[str, Sequence[tuple[Any, Any]]],
-    out_png: str | os.PathLike[str],
-    *,
-    xlabel: str = "env steps",
-    ylabel: str = "success rate",
-    title: str | None = None,
-    num_points: int = 100,
-) -> Path:
-    """One line per label (mean over its runs) with a ± standard-error band; writes a PNG.
-
-    Args:
-      curves: label (e.g. algorithm) -> list of runs (e.g. seeds), each ``(x, y)`` arrays.
-    """
-    fig, ax = _figure()
-    _draw_mean_se(ax, curves, num_points)
-    _decorate(ax, xlabel, ylabel, title, legend=bool(curves))
-    return _save(fig, out_png)
-
-
-def plot_mean_se_panels(
-    panels: Mapping[str, Mapping[str, Sequence[tuple[Any, Any]]]],
-    out_png: str | os.PathLike[str],
-    *,
-    ncols: int = 2,
-    xlabel: str = "env steps",
-    ylabel: str = "success rate",
-    title: str | None = None,
-    num_points: int = 100,
-    xlabels: Mapping[str, str] | None = None,
-) -> Path:
-    """One panel per key of ``panels`` (e.g. a game), each drawn like :func:`plot_mean_se`.
-
-    Labels keep the same colour in every panel, so one legend reads across the figure.
-    ``xlabels`` overrides ``xlabel`` per panel (e.g. a panel counted in trajectories).
-    """
-    from matplotlib.figure import Figure
-
-    if not panels:
-        raise ValueError("plot_mean_se_panels needs at least one panel")
-    nrows = -(-len(panels) // ncols)
-    fig = Figure(figsize=(5.2 * ncols, 3.8 * nrows), dpi=120)
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    labels = list(dict.fromkeys(label for curves in panels.values() for label in curves))
-    colors = {label: f"C{i}" for i, label in enumerate(labels)}
-    for ax, (name, curves) in zip(axes, panels.items()):
-        _draw_mean_se(ax, curves, num_points, colors)
-        _decorate(ax, (xlabels or {}).get(name, xlabel), ylabel, name, legend=bool(curves))
-    for ax in axes[len(panels):]:
-        ax.set_visible(False)
-    if title:
-        fig.suptitle(title)
-    return _save(fig, out_png)
-
-
-def _draw_mean_se(ax, curves, num_points: int, colors: Mapping[str, str] | None = None) -> None:
-    for label, runs in curves.items():
-        if not runs:
-            continue
-        grid, mean, se = mean_se(runs, num_points=num_points)
-        color = colors.get(label) if colors else None
-        (line,) = ax.plot(grid, mean, label=f"{label} (n={len(runs)})", color=color)
-        ax.fill_between(grid, mean - se, mean + se, color=line.get_color(), alpha=0.25, linewidth=0)
-
-
-def _decorate(ax, xlabel: str, ylabel: str, title: str | None, legend: bool) -> None:
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    if legend:
-        ax.legend(loc="best", fontsize="small")
-
-
-def _save(fig, out_png: str | os.PathLike[str]) -> Path:
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    tmp = out.with_name(out.name + ".tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, out)  # readers (a browser, the demo) never see a half-written PNG
-    return out

@@ -33,7 +33,7 @@ _LR = flags.DEFINE_float("learning_rate", 2e-3, "Adam learning rate (online CoSo
 _SIZE = flags.DEFINE_enum("classifier", "small", ["small", "reference"],
                           "small: hidden 64, 2 layers (fast on CPU); reference: 128/4/3/512")
 _NUM_SHOWN = flags.DEFINE_integer("num_shown", 8, "held-out texts drawn in the heatmap")
-_WINDOW = flags.DEFINE_integer("window", 4, "ablation window (DESIGN.md default 4)")
+_WINDOW = flags.DEFINE_integer("window", 4, "ablation window (docs/design.md default 4)")
 _SEED = flags.DEFINE_integer("seed", 0, "random seed")
 
 ACTIONS = ("+", "-")
@@ -93,8 +93,14 @@ def encode(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 def main(argv):
     del argv
     from coso_jax.causal import causal_weights, counterfactual_effects, skip_token_mask
-    from coso_jax.causal.classifier import (CausalClassifier, ClassifierConfig, logits_fn,
-                                            make_optimizer, make_train_step, predict_proba)
+    from coso_jax.causal.classifier import (
+        CausalClassifier,
+        ClassifierConfig,
+        logits_fn,
+        make_optimizer,
+        make_train_step,
+        predict_proba,
+    )
     from coso_jax.causal.render import render_token_heatmap
 
     start = time.perf_counter()

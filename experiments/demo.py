@@ -16,7 +16,8 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from coso_jax.rl.config import ALGOS, preset
+from coso_jax.rl.config import ALGOS, ppo_preset
+from coso_jax.rl.run import exit_on_user_error
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/demo", "Where metrics, plots and checkpoints go.")
@@ -30,16 +31,20 @@ def main(argv):
     del argv
     # Orbax logs every checkpoint step at INFO through absl; the progress bar says enough.
     logging.set_verbosity(logging.WARNING)
-    from coso_jax.rl.trainer import Trainer
+    exit_on_user_error(demo)
+
+
+def demo() -> None:
+    from coso_jax.rl.ppo.trainer import PPOTrainer
 
     overrides = {"env": "NumberLine", "algo": FLAGS.algo, "seed": FLAGS.seed}
     if FLAGS.total_env_steps:
         overrides["total_env_steps"] = FLAGS.total_env_steps
-    config = preset("tiny_cpu", **overrides)
+    config = ppo_preset("tiny_cpu", **overrides)
     workdir = Path(FLAGS.workdir)
     resume = (workdir / "checkpoints").exists() and any((workdir / "checkpoints").iterdir())
     start = time.perf_counter()
-    trainer = Trainer(config, workdir, resume=resume)
+    trainer = PPOTrainer(config, workdir, resume=resume)
     summary_path = workdir / "demo_summary.json"
     try:
         summary = json.loads(summary_path.read_text()) if resume and summary_path.exists() else {}
@@ -51,7 +56,7 @@ def main(argv):
         print("evaluating the final policy ...")
         summary["final_eval"] = trainer.evaluate(FLAGS.eval_steps)
         summary["env_steps"] = trainer.rollout.total_env_steps
-        summary["config"] = config.to_dict()
+        summary["config"] = config.to_flat_dict()
     finally:
         trainer.close()
     summary["wall_seconds_this_invocation"] = time.perf_counter() - start

@@ -17,7 +17,7 @@ from benchmarks import alfworld as bench
 from benchmarks import paper_curves as pc
 from coso_jax.envs.alfworld.generator import TASK_TYPES
 from coso_jax.envs.alfworld.text import format_answer
-from coso_jax.rl.rollout import EpisodeStats, StepOutput, VectorRollout, by_task_type
+from coso_jax.rl.episodes import EpisodeStats, StepOutput, VectorRollout, by_task_type
 
 
 @pytest.fixture(scope="module")
@@ -65,20 +65,36 @@ def test_by_task_type_is_a_plain_count():
 
 class _ScriptedPolicy:
     """Answers with the expert's next command for `winning` task types and with an inadmissible
-    command otherwise (stands in for the VLM: `decode` is replaced, so tokens are ignored)."""
+    command otherwise (stands in for the VLM: `decode` is replaced, so tokens are ignored).
+
+    The episode runner builds one prompt per slot, in slot order, right before each policy call; the
+    wrapped `prompt` records those infos, so `decode` answers each slot from its own current state."""
 
     def __init__(self, rollout: VectorRollout, winning: set[str]) -> None:
         self.rollout, self.winning = rollout, winning
+        self.pending: list[dict] = []
+        self.infos: list[dict] = []
+        self.steps: list[int] = []
+        prompt = rollout.prompt
+
+        def recording_prompt(info):
+            self.pending.append(info)
+            return prompt(info)
+
+        rollout.prompt = recording_prompt
         rollout.decode = self.decode
 
-    def __call__(self, inputs) -> StepOutput:
+    def __call__(self, inputs, step) -> StepOutput:
+        self.steps.append(step)
+        self.infos, self.pending = self.pending, []
         n = self.rollout.num_envs
+        assert len(self.infos) == n  # every call sees all slots (one compiled batch shape)
         return StepOutput(np.zeros((n, 2), np.int32), np.zeros((n, 2), np.float32), np.ones((n, 2), bool),
                           np.zeros(n, np.float32))
 
     def decode(self, tokens, mask):
         texts = []
-        for info in self.rollout.infos:
+        for info in self.infos:
             plan, step = info["walkthrough"], info["step"]
             if info["task_type"] in self.winning and step < len(plan):
                 texts.append(format_answer("expert", plan[step]))
@@ -96,6 +112,7 @@ def test_play_episodes_breakdown_matches_the_episodes(game_cache):
     assert len(episodes) == 6 and {e["task_type"] for e in episodes} == set(TASK_TYPES)
     stats = rollout.play_episodes(policy, episodes)
     rollout.close()
+    assert policy.steps == list(range(len(policy.steps)))  # the runner numbers its policy calls 0, 1, ...
     assert sorted(stats.task_types) == sorted(TASK_TYPES)  # every episode counted, however long
     groups = by_task_type(stats)
     for t, (n, wins, progress, _) in _plain_count(stats).items():

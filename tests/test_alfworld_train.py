@@ -1,9 +1,10 @@
-"""ALFWorld through the online PPO trainer (tiny settings): config defaults, rewards and valid flags
-of real rollouts, the causal (coso) path, metrics, and a resume that restores the running episodes.
+"""ALFWorld through the online PPO trainer (tiny settings): rewards and valid flags of real rollouts,
+the causal (coso) path, metrics, and a resume that restores the running episodes and compiles nothing.
 
 The game pool (one game per task type) is generated into a temporary cache via $COSO_ALFWORLD_CACHE.
-One coso run A makes 2 iterations (checkpoints at 1 and 2); a Trainer B resumes A's workdir and makes a
-third, reusing A's compiled steps through a `StepCache`.
+One coso run A makes 2 iterations (checkpoints at 1 and 2); a trainer B resumes A's workdir and makes a
+third, reusing A's compiled steps (jax's cache of the module-level steps).
+(Config defaults for ALFWorld are tested in test_rl_config.py.)
 """
 from __future__ import annotations
 
@@ -13,18 +14,17 @@ import alfworld  # noqa: F401  (a test dependency: fail loudly when missing)
 import jax
 import numpy as np
 import pytest
+from test_ppo_trainer import CompileCounter
 
-from coso_jax import checkpoint as ckpt
 from coso_jax import metrics as metrics_lib
 from coso_jax.envs.alfworld.env import INADMISSIBLE_PENALTY, WIN_REWARD
 from coso_jax.envs.alfworld.text import VERBS
-from coso_jax.rl import trainer as trainer_lib
-from coso_jax.rl.config import GYM_CARDS_ENVS, SUPPORTED_ENVS, preset
 from coso_jax.metrics import SuccessTracker
-from coso_jax.rl.rollout import episode_success
-from coso_jax.rl.trainer import StepCache, Trainer
+from coso_jax.rl.config import ppo_preset
+from coso_jax.rl.ppo.trainer import PPOTrainer
 
-# 12 expert episodes (~70 demonstrations, 27 SFT steps: enough for mostly admissible commands), 2 envs x 4 steps per iteration, 2 minibatches of 4.
+# 12 expert episodes (~70 demonstrations, 27 SFT steps: enough for mostly admissible commands),
+# 2 envs x 4 steps per iteration, 2 minibatches of 4.
 TINY = dict(
     env="ALFWorld", algo="coso", alfworld_pool_size=1, prompt_margin=160,
     sft_episodes=12, sft_epochs=3, sft_batch_size=8, sft_lr=3e-3, causal_pretrain_steps=2,
@@ -33,39 +33,7 @@ TINY = dict(
 )
 
 
-def test_alfworld_config_defaults():
-    assert SUPPORTED_ENVS == GYM_CARDS_ENVS + ("ALFWorld",)
-    for name in ("tiny_cpu", "paper"):
-        for algo in ("none", "entropy", "coso"):
-            assert preset(name, env="ALFWorld", algo=algo).thought_coef == 0.2
-        assert preset(name, env="NumberLine").thought_coef == 0.5
-        assert preset(name, env="ALFWorld", thought_coef=0.7).thought_coef == 0.7  # overrides win
-    tiny = preset("tiny_cpu", env="ALFWorld", alfworld_task_type="pick")
-    assert tiny.max_new_tokens == 64 and tiny.env_kwargs == {"task_type": "pick", "pool_size": 100}
-    assert preset("tiny_cpu", env="ALFWorld").env_kwargs["task_type"] is None  # all six task types
-    assert preset("paper", env="ALFWorld").max_new_tokens == 256
-    assert preset("tiny_cpu", env="NumberLine").env_kwargs == {}
-    with pytest.raises(ValueError, match="alfworld_task_type"):
-        preset("tiny_cpu", env="ALFWorld", alfworld_task_type="juggle")
-    with pytest.raises(ValueError, match="env must be one of"):
-        preset("tiny_cpu", env="ALFWorld-v1")
-
-
-def test_gym_cards_fingerprints_are_unchanged_by_the_alfworld_fields():
-    cfg = preset("tiny_cpu", env="Blackjack")
-    old_sft = ckpt.config_fingerprint({k: getattr(cfg, k) for k in trainer_lib._SFT_FIELDS})
-    assert trainer_lib.sft_fingerprint(cfg) == old_sft
-    resume = trainer_lib._resume_fields(cfg)
-    assert not set(trainer_lib._LATER_FIELDS) & set(resume)
-    # ...but they count once set, and ALFWorld's SFT start depends on its task type.
-    assert "prompt_margin" in trainer_lib._resume_fields(cfg.replace(prompt_margin=8))
-    alf = preset("tiny_cpu", env="ALFWorld")
-    assert trainer_lib.sft_fingerprint(alf) != trainer_lib.sft_fingerprint(alf.replace(alfworld_task_type="heat"))
-
-
 def test_success_tracker_uses_the_success_flag():
-    assert episode_success(-3.0, {"won": True}) and not episode_success(12.0, {"won": False})
-    assert episode_success(1.0, {}) and not episode_success(0.0, {})  # gym_cards: return > 0
     t = SuccessTracker(window=3)
     for ret, won in [(1.0, True), (5.0, False), (-2.0, False), (3.0, None)]:
         t.add_episode(ret, 10, won)
@@ -74,12 +42,12 @@ def test_success_tracker_uses_the_success_flag():
     u.load_state_dict(t.state_dict())
     assert u.success_rate == t.success_rate and u.state_dict() == t.state_dict()
     legacy = {"window": 3, "episodes": [[1.0, 4], [-1.0, 4]], "total_episodes": 2,  # from before the flags
-              "running_return": None, "running_length": None}
+              "running_return": None, "running_length": None}  # (running fields of old checkpoints are ignored)
     u.load_state_dict(legacy)
     assert u.success_rate == 0.5
 
 
-def _rollout_state(tr: Trainer) -> dict:
+def _rollout_state(tr: PPOTrainer) -> dict:
     envs = [e.unwrapped for e in tr.rollout.envs]
     return {
         "snapshots": [e.snapshot() for e in envs],
@@ -98,23 +66,23 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("alfworld_train")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("COSO_ALFWORLD_CACHE", str(root / "pool"))
-        cfg = preset("tiny_cpu", **TINY, total_env_steps=16, sft_dir=str(root / "sft"))
-        cache = StepCache()
-        a = Trainer(cfg, root / "run", step_cache=cache)
-        out = {"root": root, "cfg": cfg, "a_history": a.train(), "sft": a.sft_summary}
+        cfg = ppo_preset("tiny_cpu", **TINY, total_env_steps=16, sft_dir=str(root / "sft"))
+        a = PPOTrainer(cfg, root / "run")
+        out = {"root": root, "cfg": cfg, "a_history": a.train(), "sft": a.start_summary}
         fields = ("valid", "labels", "rewards")
-        flats = [{k: a._last_texts[1][k].copy() for k in fields}]
+        flats = [{k: a.last_batch[k].copy() for k in fields}]
         out["buffer_rewards"] = [a.buffer.arrays["rewards"].copy()]
         out["a_state"] = _rollout_state(a)
         a.close()
-        b = Trainer(cfg.replace(total_env_steps=24), root / "run", resume=True, step_cache=cache)
-        out["b_resumed_at"] = b.iteration
-        out["b_state"] = _rollout_state(b)
-        out["b_history"] = b.train()
-        flats.append({k: b._last_texts[1][k].copy() for k in fields})
+        with CompileCounter() as compiles:
+            b = PPOTrainer(cfg.replace(total_env_steps=24), root / "run", resume=True)
+            out["b_resumed_at"] = b.iteration
+            out["b_state"] = _rollout_state(b)
+            out["b_history"] = b.train()
+        out["compiles"] = compiles.count
+        flats.append({k: b.last_batch[k].copy() for k in fields})
         out["buffer_rewards"].append(b.buffer.arrays["rewards"].copy())
         out["last"] = {k: np.concatenate([f[k] for f in flats]) for k in fields}
-        out["builds"] = dict(cache.builds)
         b.close()
     yield out
 
@@ -124,7 +92,7 @@ def test_alfworld_run_writes_metrics(runs):
     assert [r["step"] for r in records] == [1, 2, 3]
     assert [r["env_steps"] for r in records] == [8, 16, 24]
     for r in records:
-        for key in ("success_rate", "invalid_action_rate", "ppo/loss", "ppo/causal_entropy", "causal/loss",
+        for key in ("success_rate", "invalid_action_rate", "ppo/loss", "ppo/entropy_bonus", "causal/loss",
                     "time/causal"):
             assert key in r, key
         assert np.isfinite(r["ppo/loss"]) and r["ppo/skipped_minibatches"] == 0
@@ -162,7 +130,7 @@ def test_alfworld_resume_restores_the_running_episodes(runs):
     np.testing.assert_array_equal(a["episode_return"], b["episode_return"])
     for x, y in zip(a["params"], b["params"]):
         np.testing.assert_array_equal(x, y)
-    assert runs["builds"] == {"classifier_step": 1, "sample": 1, "value": 1, "update": 1}
+    assert runs["compiles"] == 0
     assert not math.isnan(runs["b_history"][0]["ppo/loss"])
 
 
@@ -180,7 +148,7 @@ def test_env_snapshot_restores_the_episode_exactly(tmp_path):
     b.unwrapped.restore_snapshot(a.unwrapped.snapshot())
     assert b.unwrapped.snapshot() == a.unwrapped.snapshot()
     np.testing.assert_array_equal(a.unwrapped.render(), b.unwrapped.render())
-    for step in range(6):
+    for _ in range(6):
         action = int(rng.integers(len(info["admissible_commands"])))
         out_a, out_b = a.step(action), b.step(action)
         np.testing.assert_array_equal(out_a[0], out_b[0])

@@ -12,7 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
-from coso_jax.checkpoint import CheckpointError, Checkpointer, config_fingerprint
+from coso_jax.checkpoint import Checkpointer, CheckpointError, config_fingerprint
 
 
 class _Net(nnx.Module):
@@ -184,7 +184,8 @@ def test_structure_and_shape_mismatch_name_the_key(tmp_path: Path):
         abs_model, abs_opt = _abstract()
 
         wider, _ = _abstract(dout=8)
-        with pytest.raises(CheckpointError, match=r"shape mismatches: .*dense/kernel/value: stored \(4, 6\) vs target \(4, 8\)") as err:
+        mismatch = r"shape mismatches: .*dense/kernel/value: stored \(4, 6\) vs target \(4, 8\)"
+        with pytest.raises(CheckpointError, match=mismatch) as err:
             ckpt.restore(2, {"model": wider})
         assert str(tmp_path) in str(err.value) and "'model'" in str(err.value)
 

@@ -181,7 +181,8 @@ def test_ezpoints_wrong_value_unused_card_and_truncation():
     env.set_state([3, 9])
     assert play(env, [ez("=")]) == [(-1.0, True, False)]  # empty formula
     env.set_state([3, 9])
-    env.step(ez("3")); env.step(ez("+")); env.step(ez("9"))
+    for token in ("3", "+", "9"):
+        env.step(ez(token))
     assert env.step(ez("="))[1] == 10.0
     env.set_state([3, 9])
     results = play(env, [ez("+")] * 7)

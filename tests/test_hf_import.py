@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from coso_jax.models import HFImportError, ValueHead, from_pretrained
-from coso_jax.models import hf_import
+from coso_jax.models import HFImportError, ValueHead, from_pretrained, hf_import
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -273,6 +273,7 @@ def test_legacy_key_layouts_load(llava_next, tmp_path):
     """Hub checkpoints (`vision_tower.vision_model.*`) and the transformers-4.5x layout
     (`model.language_model.*`, `lm_head.weight`) load to the same model."""
     from safetensors.numpy import save_file
+
     from coso_jax.models.hf_import import load_hf_tensors
 
     _, path = llava_next
@@ -296,7 +297,8 @@ def test_legacy_key_layouts_load(llava_next, tmp_path):
 
 def test_hub_config_defaults_are_completed():
     """llava-v1.6-mistral-7b-hf's config.json omits most of text_config; config_from_hf fills HF's defaults."""
-    hub = {"architectures": ["LlavaNextForConditionalGeneration"], "image_grid_pinpoints": [list(p) for p in llava.LLAVA_1_6_PINPOINTS],
+    hub = {"architectures": ["LlavaNextForConditionalGeneration"],
+           "image_grid_pinpoints": [list(p) for p in llava.LLAVA_1_6_PINPOINTS],
            "image_token_index": 32000, "model_type": "llava_next", "projector_hidden_act": "gelu",
            "text_config": {"architectures": ["MistralForCausalLM"], "intermediate_size": 14336,
                            "max_position_embeddings": 32768, "model_type": "mistral", "num_key_value_heads": 8,

@@ -209,3 +209,26 @@ def test_digirl_losses(rng):
     np.testing.assert_allclose(stacked[0], -np.mean(lp * (adv > 0)), rtol=1e-6)
     g = jax.grad(losses.filtered_pg_loss)(jnp.asarray(lp), jnp.asarray(adv))
     np.testing.assert_allclose(g, -(adv > 0).astype(np.float32) / 6.0, rtol=1e-6)
+
+
+def test_soft_rewards_then_gae_match_a_plain_soft_return_loop():
+    """GAE with lambda = 1 on the soft rewards r + alpha * H_B is the discounted soft return
+    sum_k gamma^k (r_{t+k} + alpha * H_{t+k}) (cut at dones, bootstrapped at the end), minus V."""
+    rng = np.random.default_rng(0)
+    t_len, envs, gamma, alpha = 7, 3, 0.9, 0.3
+    rewards, bonus = rng.normal(size=(t_len, envs)), rng.random((t_len, envs)) * 2
+    values, bootstrap = rng.normal(size=(t_len, envs)), rng.normal(size=envs)
+    dones = rng.random((t_len, envs)) < 0.25
+    soft = losses.soft_rewards(jnp.asarray(rewards), jnp.asarray(bonus), alpha)
+    np.testing.assert_allclose(np.asarray(soft), rewards + alpha * bonus, rtol=1e-6, atol=1e-6)  # float32
+    _, returns = losses.gae(soft, jnp.asarray(values), jnp.asarray(dones), jnp.asarray(bootstrap), gamma, 1.0)
+    expected = np.zeros((t_len, envs))
+    for e in range(envs):
+        running = bootstrap[e]
+        for t in reversed(range(t_len)):
+            running = rewards[t, e] + alpha * bonus[t, e] + (0.0 if dones[t, e] else gamma * running)
+            expected[t, e] = running
+    np.testing.assert_allclose(np.asarray(returns), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(losses.soft_rewards(rewards, bonus, 0.0)), rewards.astype(np.float32))
+    with pytest.raises(ValueError, match="entropy_bonus"):
+        losses.soft_rewards(rewards, bonus[:, :2], alpha)

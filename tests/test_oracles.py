@@ -14,8 +14,14 @@ import coso_jax.envs  # noqa: F401
 from coso_jax.envs import text_interface
 from coso_jax.envs.gym_cards import demos
 from coso_jax.envs.gym_cards.formula import evaluate
-from coso_jax.envs.gym_cards.oracle import (EZPOINTS_OPS, POINTS24_OPS, blackjack_action, oracle_action,
-                                            points_plan, solutions)
+from coso_jax.envs.gym_cards.oracle import (
+    EZPOINTS_OPS,
+    POINTS24_OPS,
+    blackjack_action,
+    oracle_action,
+    points_plan,
+    solutions,
+)
 
 # Exact probability that a Points24 deal (4 ranks uniform in 1..13, J/Q/K = 10) has a solution,
 # summed over all 715 value multisets with their multinomial probabilities using `solutions`

@@ -12,9 +12,18 @@ import pytest
 import coso_jax.envs  # noqa: F401  (gym_cards still imports and registers alongside web)
 from coso_jax.envs.base import InvalidActionPolicy
 from coso_jax.envs.web import ENV_IDS, env_id, get_suite, task_spec, text_interface
-from coso_jax.envs.web.autoui import (DECISION_KEY, ActionType, AutoUIAction, BrowserCommand, CommandKind,
-                                      decision_spans, format_answer, format_autoui, parse_autoui,
-                                      to_browser_commands)
+from coso_jax.envs.web.autoui import (
+    DECISION_KEY,
+    ActionType,
+    AutoUIAction,
+    BrowserCommand,
+    CommandKind,
+    decision_spans,
+    format_answer,
+    format_autoui,
+    parse_autoui,
+    to_browser_commands,
+)
 from coso_jax.envs.web.browser import BrowserConfig, BrowserCrashedError, PageState
 from coso_jax.envs.web.env import WebControlEnv
 from coso_jax.envs.web.suites import SUITES, TEST_SEED_BASE
@@ -289,7 +298,7 @@ def test_env_failure_horizon_invalid_and_declared_end():
     _, r, term, trunc, info = env.step(_tap_text(0.5, 0.9))            # wrong click: MiniWoB ends it
     assert (r, term, trunc, info["raw_reward"]) == (0.0, True, False, -1.0)
     env.reset(seed=1)
-    for i in range(3):
+    for _ in range(3):
         _, r, term, trunc, info = env.step("gibberish")
         assert not info["valid"] and info["action_type"] == 0 and r == 0.0
     assert (term, trunc, info["step"]) == (False, True, 3)

@@ -95,5 +95,5 @@ def test_no_orphans_after_sigkill_or_exception():
     with pytest.raises(ZeroDivisionError):
         with MiniWoBBrowser("click-button") as b:
             pids = b.pids
-            1 / 0
+            _ = 1 / 0
     assert _wait_dead(pids) == []

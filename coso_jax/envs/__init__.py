@@ -10,8 +10,14 @@ from __future__ import annotations
 
 import gymnasium as gym
 
-from coso_jax.envs.base import (ActionSpans, ChoiceTextInterface, InvalidActionPolicy, ParsedAction,
-                                TextInterface, action_spans)
+from coso_jax.envs.base import (
+    ActionSpans,
+    ChoiceTextInterface,
+    InvalidActionPolicy,
+    ParsedAction,
+    TextInterface,
+    action_spans,
+)
 
 __all__ = [
     "ENV_IDS",

@@ -35,9 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from coso_jax.models import clip
+from coso_jax.models import clip, llama
 from coso_jax.models import image_processing as improc
-from coso_jax.models import llama
 from coso_jax.models.clip import CLIPVisionConfig, CLIPVisionModel
 from coso_jax.models.kv_cache import KVCache
 from coso_jax.models.llama import DecoderConfig, DecoderModel, positions_from_mask

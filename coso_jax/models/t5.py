@@ -29,7 +29,8 @@ inputs are expected right-padded (the start token in slot 0).
 
 Decoding keeps a KV cache (`T5Cache`, a pytree of arrays): the decoder self-attention keys/values,
 preallocated, and the cross-attention keys/values of the encoder output, computed once in `init_cache`.
-`generate` runs greedy decoding or temperature sampling in one jitted `lax.while_loop`.
+`generate` runs greedy decoding or temperature sampling in one jitted `lax.while_loop`; `generate_fn` is
+the same loop un-jitted (traced key, optional custom token choice) for use inside the caller's own jit.
 
 Parameter tree (HF names in the key map, `hf_key_map`):
   shared                                    <- shared.weight
@@ -119,7 +120,7 @@ class T5Config:
             object.__setattr__(self, "num_decoder_layers", self.num_layers)
         if self.scale_decoder_outputs is None:
             object.__setattr__(self, "scale_decoder_outputs", bool(self.tie_word_embeddings))
-        self.activation  # validates feed_forward_proj
+        _ = self.activation  # validates feed_forward_proj
         if self.image_fusion not in IMAGE_FUSIONS:
             raise ValueError(f"image_fusion must be one of {IMAGE_FUSIONS}, got {self.image_fusion!r}")
         if self.image_feature_dim is not None and self.image_feature_dim < 1:
@@ -442,12 +443,14 @@ class T5Cache:
 class T5GenerateOutput(NamedTuple):
     """tokens `[B, N]` int32 (pad after EOS, no start token); logprobs `[B, N]` float32 of the
     temperature-scaled distribution (0 at pad); mask `[B, N]` bool (generated tokens incl. EOS);
-    lengths `[B]` int32."""
+    lengths `[B]` int32; entropies `[B, N]` float32, entropy (nats) of that distribution at each
+    generated position (0 at pad)."""
 
     tokens: jax.Array
     logprobs: jax.Array
     mask: jax.Array
     lengths: jax.Array
+    entropies: jax.Array
 
 
 class T5EncoderDecoder(nnx.Module):
@@ -610,43 +613,81 @@ class T5EncoderDecoder(nnx.Module):
 # --------------------------------------------------------------------------------------------------
 # Generation
 # --------------------------------------------------------------------------------------------------
-def _generate_fn(model: T5EncoderDecoder, input_ids, attention_mask, image_features, rng, temperature, greedy, *,
-                 max_new_tokens: int, eos_id: int, pad_id: int, start_id: int) -> T5GenerateOutput:
+def generate_fn(model: T5EncoderDecoder, input_ids: jax.Array, attention_mask: jax.Array,
+                image_features: jax.Array | None, rng: jax.Array, *, max_new_tokens: int, eos_id: int, pad_id: int,
+                start_id: int, temperature: float | jax.Array = 1.0, greedy: bool | jax.Array = True,
+                select: Callable[[jax.Array, jax.Array], jax.Array] | None = None) -> T5GenerateOutput:
+    """Pure (un-jitted, traceable) KV-cache decoding loop; `generate` is its jitted wrapper.
+
+    Use it inside your own `jax.jit` / `nnx.jit` (the PRNG key, temperature and greedy may be traced).
+
+    Args:
+      model: the T5. input_ids / attention_mask: encoder inputs `[B, T]` (left or right padding: the
+        encoder is padding-invariant, see the module docstring); image_features `[B, N, F]` or None.
+      rng: PRNG key (split once per step; unused when greedy).
+      max_new_tokens: N (static). eos_id / pad_id / start_id: token ids (static Python ints or traced
+        int32 scalars); pad_id fills the slots after a row's EOS (finished rows feed id 0 to the
+        decoder, so a pad id outside the vocabulary is harmless).
+      temperature: > 0 (not checked here), scales the logits: log-probs are of softmax(logits / temperature).
+      greedy: argmax instead of a `jax.random.categorical` draw (Python or traced bool).
+      select: optional token choice `select(scaled_logits [B, V] float32, key) -> tokens [B] int32`
+        replacing the default (greedy / categorical), e.g. nucleus sampling; the recorded log-probs
+        are still those of the full temperature-scaled distribution.
+    Returns:
+      `T5GenerateOutput(tokens[B, N], logprobs[B, N], mask[B, N], lengths[B], entropies[B, N])`.
+    """
     hidden, enc_mask = model.encode(input_ids, attention_mask, image_features)
     b = input_ids.shape[0]
     cache = model.init_cache(hidden, enc_mask, max_new_tokens)
     n = max_new_tokens
+    temperature = jnp.asarray(temperature, jnp.float32)
+    eos_id, pad_id = jnp.asarray(eos_id, jnp.int32), jnp.asarray(pad_id, jnp.int32)
+    if select is None:
+        def select(scaled, key):
+            # `greedy` may be traced: greedy decoding and sampling then share one compiled loop.
+            return jnp.where(greedy, jnp.argmax(scaled, axis=-1), jax.random.categorical(key, scaled, axis=-1))
 
     def cond(state):
-        i, _, _, _, _, done, _ = state
+        i, done = state[0], state[6]
         return (i < n) & ~jnp.all(done)
 
     def body(state):
-        i, token, cache, tokens, logprobs, done, rng = state
+        i, token, cache, tokens, logprobs, entropies, done, rng = state
         logits, _, cache = model.decode(token[:, None], cache=cache)
         scaled = logits[:, 0].astype(jnp.float32) / temperature
         logp = jax.nn.log_softmax(scaled, axis=-1)
+        finite = logp > -jnp.inf  # a -inf logit adds exactly 0 to the entropy
+        safe = jnp.where(finite, logp, 0.0)
+        entropy = -jnp.sum(jnp.where(finite, jnp.exp(safe) * safe, 0.0), axis=-1)
         rng, key = jax.random.split(rng)
-        # `greedy` is traced: greedy decoding and sampling share one compiled loop.
-        nxt = jnp.where(greedy, jnp.argmax(scaled, axis=-1), jax.random.categorical(key, scaled, axis=-1))
-        nxt = nxt.astype(jnp.int32)
+        nxt = select(scaled, key).astype(jnp.int32)
         chosen = jnp.take_along_axis(logp, nxt[:, None], axis=-1)[:, 0]
-        nxt = jnp.where(done, pad_id, nxt)
-        tokens = tokens.at[:, i].set(nxt)
+        tokens = tokens.at[:, i].set(jnp.where(done, pad_id, nxt))
         logprobs = logprobs.at[:, i].set(jnp.where(done, 0.0, chosen))
-        return i + 1, nxt, cache, tokens, logprobs, done | (nxt == eos_id), rng
+        entropies = entropies.at[:, i].set(jnp.where(done, 0.0, entropy))
+        # Finished rows feed id 0 (in the vocabulary whatever pad_id is); their outputs are discarded.
+        fed = jnp.where(done, 0, nxt)
+        return i + 1, fed, cache, tokens, logprobs, entropies, done | (nxt == eos_id), rng
 
     state = (jnp.zeros((), jnp.int32), jnp.full((b,), start_id, jnp.int32), cache,
-             jnp.full((b, n), pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32), jnp.zeros((b,), jnp.bool_), rng)
-    _, _, _, tokens, logprobs, _, _ = jax.lax.while_loop(cond, body, state)
+             jnp.full((b, n), pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32), jnp.zeros((b, n), jnp.float32),
+             jnp.zeros((b,), jnp.bool_), rng)
+    _, _, _, tokens, logprobs, entropies, _, _ = jax.lax.while_loop(cond, body, state)
     # Generated = up to and including the first EOS (everything after it is padding).
     is_eos = tokens == eos_id
     lengths = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1) + 1, n).astype(jnp.int32)
     mask = jnp.arange(n)[None, :] < lengths[:, None]
-    return T5GenerateOutput(tokens=tokens, logprobs=jnp.where(mask, logprobs, 0.0), mask=mask, lengths=lengths)
+    return T5GenerateOutput(tokens=tokens, logprobs=jnp.where(mask, logprobs, 0.0), mask=mask, lengths=lengths,
+                            entropies=jnp.where(mask, entropies, 0.0))
 
 
-_generate_jit = nnx.jit(_generate_fn, static_argnames=("max_new_tokens", "eos_id", "pad_id", "start_id"))
+def _generate_traced(model: T5EncoderDecoder, input_ids, attention_mask, image_features, rng, temperature, greedy, *,
+                     max_new_tokens: int, eos_id: int, pad_id: int, start_id: int) -> T5GenerateOutput:
+    return generate_fn(model, input_ids, attention_mask, image_features, rng, max_new_tokens=max_new_tokens,
+                       eos_id=eos_id, pad_id=pad_id, start_id=start_id, temperature=temperature, greedy=greedy)
+
+
+_generate_jit = nnx.jit(_generate_traced, static_argnames=("max_new_tokens", "eos_id", "pad_id", "start_id"))
 
 
 def generate(model: T5EncoderDecoder, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,

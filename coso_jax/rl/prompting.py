@@ -2,7 +2,7 @@
 
 The HF LLaVA processors expand one `<image>` placeholder into as many image tokens as the vision
 tower produces; we do the same here without the processor (no torchvision on our machines), so
-`input_ids` already hold the expanded image tokens when they reach the model (DESIGN.md contract).
+`input_ids` already hold the expanded image tokens when they reach the model (docs/design.md).
 """
 from __future__ import annotations
 

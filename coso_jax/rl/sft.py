@@ -94,7 +94,7 @@ def collect_demos(env_name: str, episodes: int, seed: int, imperfect_frac: float
                 f"demo replay diverged at seed {rec['seed']} step {rec['step']}: the demo's prompt does "
                 "not match the replayed env's prompt"
             )
-        parsed = iface.parse(rec["answer"], rng, info=info) if alfworld else iface.parse(rec["answer"], rng)
+        parsed = iface.parse(rec["answer"], rng, info)
         observations.append(obs)
         prompts.append(iface.prompt(info, cot=cot, brief=brief))
         answers.append(rec["answer"])
@@ -128,11 +128,17 @@ def sft_arrays(demos: DemoSet, encoder: PromptEncoder, tokenizer: Any, max_new_t
     return dict(inputs, response_ids=response_ids, response_mask=response_mask)
 
 
-def sft_loss(model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
-    """Mean negative log-likelihood per answer token (teacher forcing, temperature 1)."""
-    out = sampling.score_batch_fn(model, None, batch, temperature=1.0)
-    mask = batch["response_mask"].astype(jnp.float32)
-    return -jnp.sum(out.logprobs * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+def sft_loss(model: nnx.Module, batch: dict[str, jax.Array], score: Callable | None = None) -> jax.Array:
+    """Mean negative log-likelihood per answer token (teacher forcing, temperature 1).
+
+    `score(model, batch) -> token log-probs [B, N]` (default: the LLaVA scorer `sampling.score_batch_fn`;
+    DigiRL passes its policy family's)."""
+    if score is None:
+        logprobs = sampling.score_batch_fn(model, None, batch, temperature=1.0).logprobs
+    else:
+        logprobs = score(model, batch)
+    mask = batch["response_mask"].astype(bool)
+    return -jnp.sum(jnp.where(mask, logprobs, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
 
 
 def train_sft(
@@ -144,8 +150,12 @@ def train_sft(
     batch_size: int,
     seed: int,
     on_step: Callable[[int, float], None] | None = None,
+    score: Callable | None = None,
 ) -> list[float]:
-    """Fine-tunes `policy` in place with Adam (cosine decay, warmup-free); returns per-step losses."""
+    """Fine-tunes `policy` in place with Adam (cosine decay, warmup-free); returns per-step losses.
+
+    `score(model, batch) -> token log-probs` as in `sft_loss`. ValueError with fewer demonstrations than
+    one batch."""
     n = len(data["response_ids"])
     if n < batch_size:
         raise ValueError(f"SFT needs at least batch_size={batch_size} demonstrations, got {n}")
@@ -157,13 +167,13 @@ def train_sft(
 
     @jax.jit
     def step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(lambda p: sft_loss(nnx.merge(graphdef, p), batch))(params)
+        loss, grads = jax.value_and_grad(lambda p: sft_loss(nnx.merge(graphdef, p), batch, score))(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
     rng = np.random.default_rng(seed)
     history = []
-    for epoch in range(epochs):
+    for _ in range(epochs):
         order = rng.permutation(n)
         for k in range(steps_per_epoch):
             idx = order[k * batch_size:(k + 1) * batch_size]

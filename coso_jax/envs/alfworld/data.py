@@ -38,8 +38,8 @@ def require() -> ModuleType:
     """Imports and returns the `alfworld` package; ImportError with an install hint if missing."""
     try:
         import alfworld  # noqa: F401
-        import textworld  # noqa: F401
         import fast_downward  # noqa: F401
+        import textworld  # noqa: F401
     except ImportError as e:  # pragma: no cover - exercised only without the package
         raise ImportError(f"{INSTALL_HINT} ({e})") from e
     return alfworld

@@ -47,8 +47,7 @@ import os
 import re
 from typing import Any, Iterable
 
-from coso_jax.envs.alfworld import data
-from coso_jax.envs.alfworld import engine, generator
+from coso_jax.envs.alfworld import data, engine, generator
 from coso_jax.envs.alfworld.game import SPLITS, TASK_TYPES, Game, display_name, task_type_name
 
 __all__ = ["DATA_ENV", "SPLIT_DIRS", "GAME_FILE", "TRAJ_FILE", "OfficialDataError", "OfficialGame", "Entry",

@@ -6,8 +6,7 @@ Envs (gymnasium, 300x300 RGB observations), their text interfaces (`text.py`), e
 from coso_jax.envs.gym_cards.blackjack import BlackjackEnv
 from coso_jax.envs.gym_cards.numberline import NumberLineEnv
 from coso_jax.envs.gym_cards.points import EZPointsEnv, Points24Env
-from coso_jax.envs.gym_cards.text import (BlackjackText, EZPointsText, NumberLineText, Points24Text,
-                                          format_answer)
+from coso_jax.envs.gym_cards.text import BlackjackText, EZPointsText, NumberLineText, Points24Text, format_answer
 
 GAMES: tuple[str, ...] = ("NumberLine", "EZPoints", "Points24", "Blackjack")
 ENV_CLASSES = {

@@ -23,8 +23,7 @@ import gymnasium as gym
 import numpy as np
 
 from coso_jax.envs import env_id, short_name, text_interface
-from coso_jax.envs.gym_cards.oracle import (EZPOINTS_OPS, POINTS24_OPS, blackjack_action,
-                                            numberline_action, points_plan)
+from coso_jax.envs.gym_cards.oracle import EZPOINTS_OPS, POINTS24_OPS, blackjack_action, numberline_action, points_plan
 from coso_jax.envs.gym_cards.points import BLANK, display_formula
 from coso_jax.envs.gym_cards.text import format_answer
 

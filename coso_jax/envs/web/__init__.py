@@ -19,10 +19,22 @@ from __future__ import annotations
 import gymnasium as gym
 
 from coso_jax.envs.base import InvalidActionPolicy
-from coso_jax.envs.web.autoui import (ActionType, AutoUIAction, AutoUIText, WebParsedAction, format_answer,
-                                      format_autoui, parse_autoui)
-from coso_jax.envs.web.browser import (BrowserConfig, BrowserCrashedError, BrowserUnavailableError,
-                                       browser_unavailable_reason, close_all_browsers)
+from coso_jax.envs.web.autoui import (
+    ActionType,
+    AutoUIAction,
+    AutoUIText,
+    WebParsedAction,
+    format_answer,
+    format_autoui,
+    parse_autoui,
+)
+from coso_jax.envs.web.browser import (
+    BrowserConfig,
+    BrowserCrashedError,
+    BrowserUnavailableError,
+    browser_unavailable_reason,
+    close_all_browsers,
+)
 from coso_jax.envs.web.suites import SUITES, TASKS, Suite, TaskSpec, get_suite, task_spec
 
 __all__ = [

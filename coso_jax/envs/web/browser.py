@@ -468,7 +468,6 @@ class MiniWoBBrowser:
         """The task area as uint8 `[210 * s, 160 * s, 3]` (one clipped PNG via the DevTools protocol)."""
         from PIL import Image
 
-        s = self.config.scale_factor
         with self._guard():
             shot = self._driver().execute_cdp_cmd("Page.captureScreenshot", {
                 "format": "png",

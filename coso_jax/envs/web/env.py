@@ -8,7 +8,7 @@
   2 by default -> 320x420), the yellow instruction banner included. After the episode ends the
   observation is all zeros (the page has moved on to MiniWoB's sync cover).
 - Action: the policy's answer text (parsed with `autoui.parse_autoui`; an invalid answer is an Idle
-  step) or an `AutoUIAction`.
+  step), an `AutoUIAction`, or the text interface's `WebParsedAction` of an answer.
 - Reward: 1.0 on the step where MiniWoB ends the episode with `raw_reward == 1` (task solved),
   else 0.0 (sparse and terminal, like DigiRL). MiniWoB ends an episode on the first *decisive*
   action, right or wrong; `terminated` is True then, and also on STATUS_TASK_COMPLETE /
@@ -36,10 +36,17 @@ from typing import Any, Callable, Protocol
 import gymnasium as gym
 import numpy as np
 
-from coso_jax.envs.web.autoui import (ActionType, AutoUIAction, BrowserCommand, CommandKind,
-                                      format_autoui, parse_autoui, to_browser_commands)
-from coso_jax.envs.web.browser import (TASK_HEIGHT, TASK_WIDTH, BrowserConfig, BrowserCrashedError,
-                                       PageState)
+from coso_jax.envs.web.autoui import (
+    ActionType,
+    AutoUIAction,
+    BrowserCommand,
+    CommandKind,
+    WebParsedAction,
+    format_autoui,
+    parse_autoui,
+    to_browser_commands,
+)
+from coso_jax.envs.web.browser import TASK_HEIGHT, TASK_WIDTH, BrowserConfig, BrowserCrashedError, PageState
 
 __all__ = ["WebControlEnv", "Backend", "DEFAULT_HORIZON"]
 
@@ -132,10 +139,14 @@ class WebControlEnv(gym.Env):
                       "horizon": self.horizon, "history": []}
         return self._obs.copy(), dict(self._info, history=list(self._history))
 
-    def step(self, action: str | AutoUIAction):
+    def step(self, action: str | AutoUIAction | WebParsedAction):
+        """One step with an answer text, an `AutoUIAction`, or the text interface's `WebParsedAction` of
+        an answer (what the trainers pass: the answer is parsed once, by them)."""
         if self._done:
             raise RuntimeError(f"web env {self.task}: step() after the episode ended; call reset() first")
-        if isinstance(action, AutoUIAction):
+        if isinstance(action, WebParsedAction):
+            parsed, valid = action.autoui, bool(action.valid)
+        elif isinstance(action, AutoUIAction):
             parsed, valid = action, True
         else:
             parsed, valid = parse_autoui(action)

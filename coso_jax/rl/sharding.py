@@ -1,4 +1,4 @@
-"""Mesh, shardings and the trainable state of the actor-critic.
+"""Device mesh and shardings, declared once from a mesh spec; multi-host initialisation.
 
 Shardings are declared once here from a mesh (axes `data` and `fsdp`):
 - the batch axis of every batch array is split over all mesh axes (`data` x `fsdp`), as in FSDP;
@@ -17,22 +17,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from coso_jax.rl.config import parse_mesh
+from coso_jax.rl.config import ConfigError, parse_mesh
 
 log = logging.getLogger(__name__)
 
 _COORDINATOR_VARS = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
-
-
-class ActorCritic(nnx.Module):
-    """The policy VLM and its value head, trained jointly by one optimizer (RL4VLM)."""
-
-    def __init__(self, policy: nnx.Module, value_head: nnx.Module):
-        self.policy = policy
-        self.value_head = value_head
 
 
 def maybe_initialize_distributed() -> bool:
@@ -56,7 +48,7 @@ def make_mesh(spec: str) -> jax.sharding.Mesh:
     needed = math.prod(sizes)
     available = jax.device_count()
     if needed > available:
-        raise ValueError(
+        raise ConfigError(
             f"mesh {spec!r} needs {needed} devices but only {available} are visible "
             f"({jax.devices()[0].platform}); on CPU set XLA_FLAGS=--xla_force_host_platform_device_count={needed}"
         )
@@ -109,7 +101,7 @@ def batch_shardings(mesh: jax.sharding.Mesh, batch: dict[str, Any]) -> dict[str,
 def check_batch_divisible(mesh: jax.sharding.Mesh, batch_size: int, what: str) -> None:
     shards = math.prod(mesh.shape[a] for a in batch_axes(mesh))
     if batch_size % shards:
-        raise ValueError(f"{what} ({batch_size}) must be divisible by the mesh's batch shards ({shards})")
+        raise ConfigError(f"{what} ({batch_size}) must be divisible by the mesh's batch shards ({shards})")
 
 
 def put(tree: Any, shardings: Any) -> Any:
@@ -119,24 +111,3 @@ def put(tree: Any, shardings: Any) -> Any:
 def tree_all_finite(tree: Any) -> jax.Array:
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
-def resume_and_open_writer(trainer: Any, config_dict: dict[str, Any], *, resume: bool):
-    """The last step of a trainer's set-up, shared by the PPO and DigiRL trainers.
-
-    With ``resume``, restores the latest checkpoint (``trainer._restore()``) or, when there is none,
-    warns and starts a new run; then opens the run's `MetricsWriter` (cut back to the restored
-    iteration, so no iteration is logged twice) and writes ``config.json``. ``trainer`` has
-    ``workdir``, ``checkpointer``, ``iteration`` and ``_restore``.
-    """
-    import json
-
-    from coso_jax import metrics as metrics_lib
-
-    if resume and trainer.checkpointer.latest_step() is not None:
-        trainer._restore()
-    elif resume:
-        log.warning("--resume given but %s holds no checkpoint: starting a new run", trainer.workdir)
-    writer = metrics_lib.MetricsWriter(trainer.workdir, resume_step=trainer.iteration if resume else None)
-    (trainer.workdir / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
-    return writer

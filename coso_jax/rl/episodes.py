@@ -1,31 +1,162 @@
-"""Rollouts: N environments stepped together by the VLM policy.
+"""Playing envs with the VLM policy: one episode runner for both backbones, and the PPO rollout.
 
-Each step: env infos -> prompts (the env's text interface) -> policy inputs (PromptEncoder) ->
-one jitted sampler call for all envs -> decode -> parse -> env.step. Finished episodes reset at
-once (as SB3's DummyVecEnv does in RL4VLM), and their returns feed the success tracker.
+Every step is: env infos -> prompts (the env's text interface) -> one batched policy call for all
+envs -> answer texts -> `parse(text, rng, info)` (the text-interface protocol of
+`coso_jax.envs.base`, parsed once) -> `env.step(parsed.action)`.
 
-Envs whose legal actions change every step (ALFWorld: the admissible commands) take the current
-`info` in `parse` (`parse(text, rng, info=info)`); an episode's success is `info["won"]` where the
-env reports it, else return > 0 (RL4VLM's rule for the gym_cards games).
+* `play_episodes` plays a queue of episodes to their ends, `num_slots` at a time (an evaluation
+  set, DigiRL's trajectories): every episode counts however long it runs, and the policy always
+  sees `num_slots` inputs (one compiled batch shape; finished slots repeat an active one and their
+  answers are ignored).
+* `VectorRollout` keeps `num_envs` gymnasium envs running across iterations and fills a
+  `RolloutBuffer` with a fixed number of steps (PPO; finished episodes reset at once, as SB3's
+  DummyVecEnv does in RL4VLM). Its `play_episodes` runs an evaluation list through the same runner.
 
-Evaluation: `VectorRollout.play_episodes` plays a fixed list of episodes (reset options) to their end;
-`by_task_type` groups episode stats by the task type their env reports (ALFWorld).
+An episode's success is `info["won"]` where the env reports it (ALFWorld), else return > 0
+(RL4VLM's rule for the gym_cards games).
 """
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import pickle
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import gymnasium as gym
 import numpy as np
 
 import coso_jax.envs  # noqa: F401  (registers the envs)
 from coso_jax.envs import text_interface
-from coso_jax.rl.buffer import RolloutBuffer
+from coso_jax.rl.buffers import RolloutBuffer
 from coso_jax.rl.prompting import PromptEncoder
 from coso_jax.rl.text import thought_action_masks, token_char_offsets
+
+
+def episode_success(episode_return: float, final_info: dict) -> bool:
+    """`final_info["won"]` where the env reports it (ALFWorld), else return > 0 (gym_cards)."""
+    return bool(final_info["won"]) if "won" in final_info else episode_return > 0
+
+
+@dataclasses.dataclass
+class Answer:
+    """The policy's answer for one slot: its text and whatever the caller wants recorded with it
+    (e.g. response tokens)."""
+
+    text: str
+    extra: Any = None
+
+
+@dataclasses.dataclass
+class Step:
+    """One recorded transition of `play_episodes(record=True)`."""
+
+    obs: np.ndarray
+    info: dict
+    prompt: str
+    answer: Answer
+    parsed: Any
+    reward: float
+    done: bool
+
+
+@dataclasses.dataclass
+class Episode:
+    """One finished episode: what started it, its return, length, final info and (recorded) steps."""
+
+    spec: Any
+    episode_return: float
+    length: int
+    final_info: dict
+    final_obs: np.ndarray
+    steps: list[Step]
+
+    @property
+    def success(self) -> bool:
+        return episode_success(self.episode_return, self.final_info)
+
+
+@dataclasses.dataclass
+class SlotView:
+    """What the policy sees of one slot: the episode's spec, its env, observation, info and prompt."""
+
+    spec: Any
+    env: Any
+    obs: np.ndarray
+    info: dict
+    prompt: str
+
+
+def play_episodes(
+    specs: Sequence[Any],
+    num_slots: int,
+    *,
+    start: Callable[[int, Any], tuple[Any, np.ndarray, dict]],
+    act: Callable[[list[SlotView]], list[Answer]],
+    prompt: Callable[[dict], str],
+    parse: Callable[[str, dict], Any],
+    finish: Callable[[int, Any, Any], None] | None = None,
+    env_action: Callable[[Any], Any] = lambda parsed: parsed.action,
+    record: bool = False,
+) -> list[Episode]:
+    """Plays one episode per entry of `specs` to its end, `num_slots` at a time.
+
+    Args:
+      specs: what starts each episode (reset options, (task, seed), ...), in order.
+      num_slots: episodes played together (the policy's batch size).
+      start(slot, spec) -> (env, obs, info): starts the episode in a slot.
+      act(views) -> answers: one answer per view; `len(views) == num_slots` always.
+      prompt(info) -> the policy's prompt text. parse(text, info) -> ParsedAction.
+      finish(slot, spec, env): called when a slot's episode ends (or the run is interrupted).
+      env_action(parsed) -> what `env.step` takes (default `parsed.action`; the web env takes the
+        ParsedAction itself, so an answer is parsed once).
+      record: keep every step (`Episode.steps`), else only the episode totals.
+    Returns:
+      The episodes in the order they finished.
+    """
+    queue = list(specs)
+    slots: list[dict[str, Any] | None] = [None] * num_slots
+    episodes: list[Episode] = []
+
+    def begin(slot: int) -> None:
+        spec = queue.pop(0)
+        env, obs, info = start(slot, spec)
+        slots[slot] = {"spec": spec, "env": env, "obs": obs, "info": info, "return": 0.0, "length": 0, "steps": []}
+
+    try:
+        for s in range(num_slots):
+            if queue:
+                begin(s)
+        while any(slot is not None for slot in slots):
+            active = [s for s in range(num_slots) if slots[s] is not None]
+            views = []
+            for s in range(num_slots):
+                ep = slots[s] if slots[s] is not None else slots[active[0]]
+                views.append(SlotView(ep["spec"], ep["env"], ep["obs"], ep["info"], prompt(ep["info"])))
+            answers = act(views)
+            for s in active:
+                ep = slots[s]
+                parsed = parse(answers[s].text, ep["info"])
+                obs, reward, terminated, truncated, info = ep["env"].step(env_action(parsed))
+                done = bool(terminated or truncated)
+                if record:
+                    ep["steps"].append(Step(ep["obs"], ep["info"], views[s].prompt, answers[s], parsed,
+                                            float(reward), done))
+                ep["return"] += float(reward)
+                ep["length"] += 1
+                ep["obs"], ep["info"] = obs, info
+                if done:
+                    episodes.append(Episode(ep["spec"], ep["return"], ep["length"], info, obs, ep["steps"]))
+                    slots[s] = None
+                    if finish is not None:
+                        finish(s, ep["spec"], ep["env"])
+                    if queue:
+                        begin(s)
+    except BaseException:
+        if finish is not None:
+            for s, ep in enumerate(slots):
+                if ep is not None:
+                    finish(s, ep["spec"], ep["env"])
+        raise
+    return episodes
 
 
 @dataclasses.dataclass
@@ -36,6 +167,7 @@ class StepOutput:
     logprobs: np.ndarray  # [B, N] float32
     mask: np.ndarray  # [B, N] bool
     values: np.ndarray  # [B] float32
+    entropies: np.ndarray | None = None  # [B, N] float32 (nats), where the sampler reports them
 
 
 @dataclasses.dataclass
@@ -54,6 +186,23 @@ class EpisodeStats:
         self.task_types.append(final_info.get("task_type"))
         progress = final_info.get("progress")
         self.final_progress.append(None if progress is None else float(progress))
+
+    def summary(self) -> dict[str, Any]:
+        """Episodes, success rate, mean return, length and progress (nan without episodes / progress),
+        and `by_task_type` where the env reports task types."""
+        progress = [p for p in self.final_progress if p is not None]
+        n = len(self.returns)
+        out: dict[str, Any] = {
+            "episodes": n,
+            "success_rate": float(np.mean(self.successes)) if n else float("nan"),
+            "mean_return": float(np.mean(self.returns)) if n else float("nan"),
+            "mean_length": float(np.mean(self.lengths)) if n else float("nan"),
+            "mean_progress": float(np.mean(progress)) if progress else float("nan"),
+        }
+        groups = by_task_type(self)
+        if groups:
+            out["by_task_type"] = groups
+        return out
 
 
 def by_task_type(stats: EpisodeStats) -> dict[str, dict[str, float]]:
@@ -78,16 +227,15 @@ def by_task_type(stats: EpisodeStats) -> dict[str, dict[str, float]]:
     return out
 
 
-def episode_success(episode_return: float, final_info: dict) -> bool:
-    """`final_info["won"]` where the env reports it (ALFWorld), else return > 0 (gym_cards)."""
-    return bool(final_info["won"]) if "won" in final_info else episode_return > 0
+PolicyFn = Callable[[dict[str, np.ndarray], int], StepOutput]
 
 
 class VectorRollout:
     """Owns `num_envs` gymnasium envs and their running episodes.
 
-    `policy_fn(inputs: dict[str, np.ndarray]) -> StepOutput` is the (jitted) sampler bound to the
-    current parameters and an RNG stream; `value_fn(inputs) -> values[B]` bootstraps GAE.
+    `policy_fn(inputs, step) -> StepOutput` samples for one batch of encoded inputs; `step` counts the
+    calls of one `collect` / `play_episodes` (0, 1, ...), so the caller derives the sampling key of each
+    call from it (`jax.random.fold_in(key, step)`) and no key is carried in between.
     """
 
     def __init__(
@@ -105,8 +253,6 @@ class VectorRollout:
         self.env_name = env_name
         self.env_id = f"coso_jax/{env_name}-v0"
         self.iface = text_interface(env_name)
-        # ALFWorld's parser needs the state's admissible commands; the gym_cards parsers take no info.
-        self._parse_takes_info = "info" in inspect.signature(self.iface.parse).parameters
         self.num_envs = num_envs
         self.encoder = encoder
         self.tokenizer = tokenizer
@@ -125,11 +271,11 @@ class VectorRollout:
         self.total_env_steps = 0
 
     # --- policy inputs -------------------------------------------------------------------------
-    def current_prompts(self) -> list[str]:
-        return [self.iface.prompt(info, cot=self.cot, brief=self.brief) for info in self.infos]
+    def prompt(self, info: dict) -> str:
+        return self.iface.prompt(info, cot=self.cot, brief=self.brief)
 
     def current_inputs(self) -> dict[str, np.ndarray]:
-        return self.encoder(self.current_prompts(), np.stack(self.obs))
+        return self.encoder([self.prompt(info) for info in self.infos], np.stack(self.obs))
 
     def decode(self, tokens: np.ndarray, mask: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
         """Texts and thought/action token masks of a batch of generated responses."""
@@ -143,26 +289,26 @@ class VectorRollout:
             texts.append(text)
         return texts, thought, action
 
+    def parse(self, text: str, info: dict):
+        return self.iface.parse(text, self.parse_rng, info)
+
     # --- stepping ------------------------------------------------------------------------------
-    def collect(
-        self,
-        buffer: RolloutBuffer,
-        policy_fn: Callable[[dict[str, np.ndarray]], StepOutput],
-        on_step: Callable[[], None] | None = None,
-    ) -> EpisodeStats:
+    def collect(self, buffer: RolloutBuffer, policy_fn: PolicyFn) -> EpisodeStats:
         """Fills `buffer` (reset first) with `buffer.num_steps` steps of every env."""
         stats = EpisodeStats()
         buffer.reset()
+        step = 0
         while not buffer.full:
             inputs = self.current_inputs()
-            out = policy_fn(inputs)
+            out = policy_fn(inputs, step)
+            step += 1
             texts, thought, action = self.decode(out.tokens, out.mask)
             rewards = np.zeros(self.num_envs, np.float32)
             dones = np.zeros(self.num_envs, np.bool_)
             valid = np.zeros(self.num_envs, np.bool_)
             labels = np.full(self.num_envs, -1, np.int32)
             for e, env in enumerate(self.envs):
-                parsed = self._parse(texts[e], e)
+                parsed = self.parse(texts[e], self.infos[e])
                 valid[e] = parsed.valid
                 if parsed.label is not None:
                     labels[e] = parsed.label
@@ -180,73 +326,49 @@ class VectorRollout:
                 self.obs[e] = obs
                 self.infos[e] = info
             self.total_env_steps += self.num_envs
+            images = {k: inputs[k] for k in buffer.image_fields}
             buffer.add(
                 texts,
                 prompt_ids=inputs["prompt_ids"],
                 prompt_mask=inputs["prompt_mask"],
-                pixel_values=inputs["pixel_values"],
                 response_ids=out.tokens,
                 response_mask=out.mask,
                 thought_mask=thought,
                 action_mask=action,
                 old_logprobs=out.logprobs,
+                old_entropies=out.entropies if out.entropies is not None else np.zeros_like(out.logprobs),
                 old_values=out.values,
                 rewards=rewards,
                 dones=dones,
                 valid=valid,
                 labels=labels,
+                **images,
             )
-            if on_step is not None:
-                on_step()
         return stats
 
-    def _parse(self, text: str, e: int):
-        """Env `e`'s parse of `text` (with its current info where the interface takes it)."""
-        if self._parse_takes_info:
-            return self.iface.parse(text, self.parse_rng, info=self.infos[e])
-        return self.iface.parse(text, self.parse_rng)
-
-    def play_episodes(
-        self,
-        policy_fn: Callable[[dict[str, np.ndarray]], StepOutput],
-        episodes: list[dict[str, Any]],
-    ) -> EpisodeStats:
+    def play_episodes(self, policy_fn: PolicyFn, episodes: list[dict[str, Any]]) -> EpisodeStats:
         """Plays one episode per entry of `episodes` (each the `reset(options=...)` of its env, e.g.
         ALFWorld's {"split", "task_type", "index"}) to its end, `num_envs` at a time; returns their stats.
+        Overwrites the running episodes: meant for an evaluation `VectorRollout`."""
+        calls = [0]
 
-        Unlike `collect`, every episode counts, however long it runs (no bias towards short ones), and
-        no buffer is filled. The policy always sees all `num_envs` prompts (one compiled batch shape);
-        envs with no episode left keep their last state and their answers are ignored. Overwrites the
-        running episodes: meant for an evaluation `VectorRollout`.
-        """
-        stats = EpisodeStats()
-        queue = list(episodes)
-        active = np.zeros(self.num_envs, np.bool_)
+        def start(slot: int, spec: dict[str, Any]):
+            obs, info = self.envs[slot].reset(options=dict(spec))
+            return self.envs[slot], obs, info
 
-        def start(e: int) -> None:
-            if not queue:
-                active[e] = False
-                return
-            obs, info = self.envs[e].reset(options=dict(queue.pop(0)))
-            self.obs[e], self.infos[e] = obs, info
-            self.episode_return[e], self.episode_length[e] = 0.0, 0
-            active[e] = True
-
-        for e in range(self.num_envs):
-            start(e)
-        while active.any():
-            out = policy_fn(self.current_inputs())
+        def act(views: list[SlotView]) -> list[Answer]:
+            inputs = self.encoder([v.prompt for v in views], np.stack([v.obs for v in views]))
+            out = policy_fn(inputs, calls[0])
+            calls[0] += 1
             texts, _, _ = self.decode(out.tokens, out.mask)
-            for e in np.flatnonzero(active):
-                parsed = self._parse(texts[e], e)
-                obs, reward, terminated, truncated, info = self.envs[e].step(parsed.action)
-                self.episode_return[e] += reward
-                self.episode_length[e] += 1
-                self.total_env_steps += 1
-                self.obs[e], self.infos[e] = obs, info
-                if terminated or truncated:
-                    stats.add(float(self.episode_return[e]), int(self.episode_length[e]), info)
-                    start(e)
+            return [Answer(t) for t in texts]
+
+        finished = play_episodes(episodes, self.num_envs, start=start, act=act, prompt=self.prompt,
+                                 parse=self.parse)
+        stats = EpisodeStats()
+        for ep in finished:
+            stats.add(ep.episode_return, ep.length, ep.final_info)
+            self.total_env_steps += ep.length
         return stats
 
     # --- checkpointing -------------------------------------------------------------------------

@@ -21,6 +21,7 @@ _FIELDS: dict[str, tuple[tuple[str, ...], Any]] = {
     "thought_mask": (("N",), np.bool_),
     "action_mask": (("N",), np.bool_),
     "old_logprobs": (("N",), np.float32),
+    "old_entropies": (("N",), np.float32),  # the behaviour policy's token entropies (soft backup)
     "old_values": ((), np.float32),
     "rewards": ((), np.float32),
     "dones": ((), np.bool_),
@@ -33,16 +34,17 @@ _FIELDS: dict[str, tuple[tuple[str, ...], Any]] = {
 class RolloutBuffer:
     """Fixed-size, time-major storage: every array is `[num_steps, num_envs, ...]`.
 
-    `pixel_values` has the per-image shape the policy's preprocessing produces (e.g. `[C, H, W]`),
-    given at construction.
+    `image_fields` maps the policy's image inputs to their per-observation shape and dtype, as the
+    prompt encoder produces them: `pixel_values` (e.g. `[C, H, W]`, or `[tiles, C, H, W]` for
+    LLaVA-NeXT) and, for LLaVA-NeXT, `image_sizes` (`[2]` int: each frame's (height, width)).
+    `image_fields_of(inputs)` reads them off one encoded batch.
     """
 
     num_steps: int
     num_envs: int
     prompt_len: int
     max_new_tokens: int
-    pixel_shape: tuple[int, ...]
-    pixel_dtype: Any = np.float32
+    image_fields: dict[str, tuple[tuple[int, ...], Any]]
 
     def __post_init__(self) -> None:
         dims = {"P": self.prompt_len, "N": self.max_new_tokens}
@@ -51,7 +53,8 @@ class RolloutBuffer:
             name: np.zeros(lead + tuple(dims[k] for k in shape), dtype)
             for name, (shape, dtype) in _FIELDS.items()
         }
-        self.arrays["pixel_values"] = np.zeros(lead + tuple(self.pixel_shape), self.pixel_dtype)
+        for name, (shape, dtype) in self.image_fields.items():
+            self.arrays[name] = np.zeros(lead + tuple(shape), dtype)
         self.texts: list[list[str]] = [["" for _ in range(self.num_envs)] for _ in range(self.num_steps)]
         self.step = 0
 
@@ -64,7 +67,7 @@ class RolloutBuffer:
         return self.step == self.num_steps
 
     def add(self, texts: list[str], **fields: np.ndarray) -> None:
-        """Stores one time step for all envs. Every field of `_FIELDS` and `pixel_values` is required."""
+        """Stores one time step for all envs. Every field of `_FIELDS` and `image_fields` is required."""
         if self.full:
             raise RuntimeError(f"RolloutBuffer is full ({self.num_steps} steps); call reset()")
         expected = set(self.arrays)
@@ -96,6 +99,13 @@ class RolloutBuffer:
 
     def flat_texts(self) -> list[str]:
         return [t for row in self.texts for t in row]
+
+
+def image_fields_of(inputs: dict[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """The per-observation shape and dtype of the image inputs in one encoded batch (`pixel_values`,
+    and `image_sizes` where the encoder gives them), for `RolloutBuffer(image_fields=...)`."""
+    return {k: (tuple(np.shape(inputs[k])[1:]), np.asarray(inputs[k]).dtype)
+            for k in ("pixel_values", "image_sizes") if inputs.get(k) is not None}
 
 
 class ActionReplay:
