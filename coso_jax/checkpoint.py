@@ -50,7 +50,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-__all__ = ["CheckpointError", "Checkpointer", "config_fingerprint", "open_run_checkpointer"]
+__all__ = ["CheckpointError", "Checkpointer", "config_fingerprint", "open_run_checkpointer", "tree_digest"]
 
 METADATA_ITEM = "metadata"
 FINGERPRINT_KEY = "config_fingerprint"
@@ -104,6 +104,20 @@ def config_fingerprint(config: Mapping[str, Any] | Any, *, ignore: Iterable[str]
     canon = {k: v for k, v in canon.items() if k not in ignored}
     blob = json.dumps(canon, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def tree_digest(tree: Any, sample: int = 256) -> str:
+    """A short hash of a pytree of arrays that is cheap at any size: every leaf's path, shape and dtype,
+    and the values of its first and last `sample` elements (e.g. to tell, when resuming LoRA adapters,
+    that the frozen base model they were trained on is the one loaded now). 16 hex characters.
+    """
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        flat = leaf.reshape(-1)
+        ends = flat if flat.size <= 2 * sample else jax.numpy.concatenate([flat[:sample], flat[-sample:]])
+        h.update(f"{_path_str(path)}|{tuple(leaf.shape)}|{np.dtype(leaf.dtype)}|".encode())
+        h.update(np.ascontiguousarray(np.asarray(jax.device_get(ends))).tobytes())
+    return h.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- tree helpers

@@ -300,7 +300,7 @@ def test_non_finite_loss_skips_the_update(runs):
     host_opt = jax.tree.map(np.asarray, tr.opt_state)
     params, opt_state, metrics = update_step(tr.graphdef, tr.hp, tr.opt, tr.mesh, put(host_params, tr.param_shardings),
                                              put(host_opt, tr.opt_shardings), put(batch, batch_shardings(tr.mesh, batch)),
-                                             jax.random.key(0), np.float32(tr.causal.alpha))
+                                             jax.random.key(0), np.float32(tr.causal.alpha), tr.frozen)
     for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(host_params)):
         np.testing.assert_array_equal(np.asarray(x), y)
     for x, y in zip(jax.tree.leaves(opt_state), jax.tree.leaves(host_opt)):
@@ -443,3 +443,50 @@ def test_soft_coso_with_unit_weights_equals_soft_entropy(soft_runs):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     # ...and the soft backup really changes the run (the check can fail).
     assert any(np.abs(a - b).max() > 1e-6 for a, b in zip(soft_runs["coso_soft"][0], soft_runs["coso_w1"][0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Real-scale options on a tiny model: LLaVA-NeXT inputs, LoRA, a bf16 base, remat.
+def test_lora_bf16_remat_llava_next_run_trains_adapters_only_and_resumes(tmp_path):
+    from flax import nnx
+
+    from coso_jax.models import lora
+
+    cfg = ppo_preset("tiny_cpu", **{**TINY, "sft_episodes": 8, "sft_epochs": 2, "sft_batch_size": 8,
+                                    "model_preset": "tiny_next", "image_size": 32, "patch_size": 8,
+                                    "lora_rank": 4, "lora_alpha": 8.0, "lora_dropout": 0.1,
+                                    "param_dtype": "bfloat16", "compute_dtype": "bfloat16", "remat": True,
+                                    "total_env_steps": 32, "checkpoint_every": 1,
+                                    "sft_dir": str(tmp_path / "sft")})
+    a = PPOTrainer(cfg, tmp_path / "a")
+    try:
+        model = nnx.merge(a.graphdef, a.params, a.frozen)
+        assert lora.lora_config(model) is not None
+        trainable = [(p, x) for p, x in jax.tree_util.tree_flatten_with_path(a.params)[0]]
+        assert trainable and all("lora" in str(p) or "value_head" in str(p) for p, _ in trainable)
+        assert {str(x.dtype) for x in jax.tree.leaves(a.frozen) if hasattr(x, "dtype")} >= {"bfloat16"}
+        base_before = [np.asarray(x) for x in jax.tree.leaves(a.frozen)]
+        history = a.train()
+        assert "image_sizes" in a.last_batch  # LLaVA-NeXT's sizes reached the update
+        for before, after in zip(base_before, jax.tree.leaves(a.frozen)):
+            np.testing.assert_array_equal(before, np.asarray(after))  # the base never moves
+        assert all(np.isfinite(r["ppo/loss"]) and r["ppo/skipped_minibatches"] == 0 for r in history)
+        adapters = [np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(a.params)[0] if "lora_b" in str(p)]
+        assert max(float(np.abs(x).max()) for x in adapters) > 0  # B starts at 0: the adapters learned
+        final = [np.asarray(x) for x in jax.tree.leaves(a.params)]
+        # Checkpoints hold the trainable state only (adapters, value head), not the base.
+        ckpt_dir = tmp_path / "a" / "checkpoints" / "2" / "params"
+        ckpt_bytes = sum(f.stat().st_size for f in ckpt_dir.rglob("*") if f.is_file())
+        base_bytes = sum(x.nbytes for x in base_before)
+        assert ckpt_bytes < base_bytes
+    finally:
+        a.close()
+    # Resume at iteration 1 and redo iteration 2: the same adapters.
+    shutil.copytree(tmp_path / "a" / "checkpoints", tmp_path / "b" / "checkpoints")
+    b = PPOTrainer(cfg, tmp_path / "b", resume=True, resume_step=1)
+    try:
+        b.train()
+        for x, y in zip(final, jax.tree.leaves(b.params)):
+            np.testing.assert_allclose(x, np.asarray(y), rtol=1e-5, atol=1e-6)
+    finally:
+        b.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -40,28 +41,58 @@ def check_hf_dir(hf_dir: str | None) -> None:
                           "safe_serialization=True, or point --hf_dir at a directory that has the weights")
 
 
+TINY_PRESETS = ("tiny", "tiny_next")
+
+
+def dtypes(model: ModelConfig) -> tuple[Any, Any]:
+    """(compute dtype, parameter dtype) of the policy's base."""
+    return jnp.dtype(model.compute_dtype), jnp.dtype(model.param_dtype)
+
+
 def build_policy(model: ModelConfig, tokenizer: Any) -> tuple[nnx.Module, Any]:
-    """A freshly initialised tiny LLaVA (or a local HF LLaVA) and its LlavaConfig."""
+    """A freshly initialised tiny LLaVA (or a local HF LLaVA) in the config's dtypes, and its LlavaConfig."""
+    compute, param = dtypes(model)
     if model.hf_dir:
-        policy = from_pretrained(model.hf_dir)
+        policy = from_pretrained(model.hf_dir, dtype=compute, param_dtype=param)
         return policy, policy.config
-    if model.model_preset != "tiny":
+    if model.random_weights:
+        model_config = named_llava_config(model, tokenizer)
+        return llava.random_init(model_config, seed=MODEL_SEED, dtype=compute, param_dtype=param), model_config
+    if model.model_preset not in TINY_PRESETS:
         raise ConfigError(
             f"model_preset {model.model_preset!r} has no pretrained weights here: pass --hf_dir with a "
-            "local Hugging Face LLaVA checkpoint, or use --set model_preset=tiny"
+            f"local Hugging Face LLaVA checkpoint, or use --set model_preset=tiny (or {TINY_PRESETS[1]})"
         )
     model_config = tiny_llava_config(model, tokenizer)
     # numpy-filled init: the modules' own initialisers compile one XLA program each (slow on a CPU).
-    return llava.random_init(model_config, seed=MODEL_SEED), model_config
+    return llava.random_init(model_config, seed=MODEL_SEED, dtype=compute, param_dtype=param), model_config
 
 
-def tiny_llava_config(model: ModelConfig, tokenizer: Any) -> llava.LlavaConfig:
-    """The CPU preset: a LLaVA-1.5-style model with a width-64 ViT and a 2-layer width-128 decoder."""
+def named_llava_config(model: ModelConfig, tokenizer: Any) -> llava.LlavaConfig:
+    """The architecture of `model.model_preset` (a `LlavaConfig` constructor, e.g. "llava_1_6_mistral_7b")
+    with the tokenizer's vocabulary and image token, cut to `text_layers` / `vision_layers` when set
+    (benchmarks of real-size shapes without weights). ConfigError for an unknown preset."""
+    make = getattr(llava.LlavaConfig, model.model_preset, None)
+    if model.model_preset in TINY_PRESETS or make is None:
+        raise ConfigError(f"random_weights needs a real-size model_preset (a LlavaConfig constructor such as "
+                          f"'llava_1_6_mistral_7b'), got {model.model_preset!r}")
+    config = make()
+    text = config.text.replace(vocab_size=len(tokenizer))
+    if model.text_layers:
+        text = text.replace(num_layers=model.text_layers)
+    vision = config.vision.replace(num_layers=model.vision_layers) if model.vision_layers else config.vision
+    return config.replace(text=text, vision=vision, image_token_id=int(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)))
+
+
+def tiny_llava_config(model: Any, tokenizer: Any) -> llava.LlavaConfig:
+    """The CPU preset: a LLaVA-1.5-style model ("tiny"; LLaVA-NeXT-style anyres tiles for "tiny_next")
+    with a width-64 ViT and a 2-layer width-128 decoder. `model` needs image_size, patch_size and
+    (optionally) model_preset."""
     vision = CLIPVisionConfig.tiny(image_size=model.image_size, patch_size=model.patch_size, hidden_size=64,
                                    intermediate_size=128, num_layers=2, num_heads=4)
     text = DecoderConfig.tiny(vocab_size=len(tokenizer))
-    return llava.LlavaConfig.tiny(image_token_id=int(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)),
-                                  vision=vision, text=text)
+    make = llava.LlavaConfig.tiny_next if getattr(model, "model_preset", "tiny") == "tiny_next" else llava.LlavaConfig.tiny
+    return make(image_token_id=int(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)), vision=vision, text=text)
 
 
 def classifier_config(model: ModelConfig, vocab_size: int, num_labels: int) -> clf.ClassifierConfig:

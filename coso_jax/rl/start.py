@@ -115,13 +115,15 @@ def supervised_start(policy: nnx.Module, classifier: Any, data: dict[str, np.nda
     the classifier on the answers' tokens; both in place. `answers` = (tokens [n, N], mask [n, N],
     labels [n]); `score` as `sft.sft_loss`'s. Returns the summary entries (losses, accuracy, seconds)."""
     steps = epochs * (len(data["response_ids"]) // batch_size)
-    bar = metrics_lib.progress_bar(steps, desc=desc, disable=not progress)
     start = time.perf_counter()
-    try:
-        history = sft_lib.train_sft(policy, data, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                                    on_step=lambda step, loss: bar.update(1, {"loss": loss}), score=score)
-    finally:
-        bar.close()
+    history: list[float] = []
+    if epochs:  # no SFT: the policy starts as it is (e.g. an SFT'd checkpoint)
+        bar = metrics_lib.progress_bar(steps, desc=desc, disable=not progress)
+        try:
+            history = sft_lib.train_sft(policy, data, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                                        on_step=lambda step, loss: bar.update(1, {"loss": loss}), score=score)
+        finally:
+            bar.close()
     sft_seconds = time.perf_counter() - start
     tokens, mask, labels = answers
     loss, acc = pretrain_classifier(classifier, tokens, mask, labels, steps=pretrain_steps,

@@ -22,6 +22,7 @@ PRESETS = ("tiny_cpu", "paper")
 CRITIC_TRUNKS = ("separate", "shared")
 POLICY_FAMILIES = ("llava", "t5")
 OFFLINE_FILTERS = ("critic", "reward")
+DTYPES = ("float32", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -126,10 +127,18 @@ def _unit_interval(obj: Any, *names: str, prefix: str = "") -> None:
 # ==============================================================================================
 @dataclasses.dataclass(frozen=True)
 class ModelConfig(_Typed):
-    """The policy VLM, how prompts are built for it, and how it samples.
+    """The policy VLM, how prompts are built for it, how it samples and what of it trains.
 
-    `model_preset` "tiny" builds a tiny LLaVA from scratch on the start's own BPE; `hf_dir` loads a
-    local Hugging Face LLaVA instead (the tokenizer is read from the same directory).
+    `model_preset` "tiny" (LLaVA-1.5 style) or "tiny_next" (LLaVA-NeXT style: anyres tiles and
+    `image_sizes`) builds a tiny LLaVA from scratch on the start's own BPE; `hf_dir` loads a local
+    Hugging Face LLaVA instead (the tokenizer is read from the same directory).
+
+    Real scale (`coso_jax.models.lora`, the `paper` preset = RL4VLM's setting): `lora_rank` > 0 trains
+    LoRA adapters (rank, alpha, dropout) on the language model's linear layers and the value head,
+    with the rest frozen (`train_vision` also trains the vision tower and projector in full);
+    `param_dtype` / `compute_dtype` "bfloat16" store and run the base in bf16 (adapters, value head,
+    Adam state, logits and softmaxes stay float32); `remat` recomputes each decoder layer in the
+    backward pass.
     """
 
     model_preset: str = "tiny"
@@ -145,10 +154,29 @@ class ModelConfig(_Typed):
     max_new_tokens: int = 48
     temperature: float = 0.5
     top_p: float = 1.0
+    lora_rank: int = 0  # 0: every parameter trains (full fine-tuning)
+    lora_alpha: float = 256.0
+    lora_dropout: float = 0.0
+    train_vision: bool = False  # with LoRA: also train the vision tower and projector
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: bool = False
+    # Benchmarks only: build a named real-size architecture (`model_preset`, e.g. "llava_1_6_mistral_7b")
+    # with random weights instead of loading `hf_dir`; `text_layers` / `vision_layers` > 0 cut its depth.
+    random_weights: bool = False
+    text_layers: int = 0
+    vision_layers: int = 0
 
     def __post_init__(self) -> None:
         self._coerce_fields()
         _positive(self, "image_size", "patch_size", "vocab_size")
+        _non_negative(self, "text_layers", "vision_layers")
+        _non_negative(self, "lora_rank")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        for name in ("param_dtype", "compute_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ConfigError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
         _non_negative(self, "prompt_margin")
         if self.max_new_tokens < 2:
             raise ConfigError(f"max_new_tokens must be >= 2, got {self.max_new_tokens}")

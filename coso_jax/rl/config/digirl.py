@@ -100,7 +100,9 @@ class DigiRLConfig(_Composed):
         "offline_imperfect_frac", "policy_family")
     _LATER_FIELDS: ClassVar[tuple[str, ...]] = (
         "prompt_margin", "causal_chunk_size", "policy_family", "max_skipped_updates", "offline_filter",
-        "offline_entropy", "drop_unparseable", "reference_entropy_averaging", "logprob_floor", "soft_backup")
+        "offline_entropy", "drop_unparseable", "reference_entropy_averaging", "logprob_floor", "soft_backup",
+        "lora_rank", "lora_alpha", "lora_dropout", "train_vision", "param_dtype", "compute_dtype", "remat",
+        "random_weights", "text_layers", "vision_layers")
     _RESUME_IGNORE: ClassVar[tuple[str, ...]] = (
         "progress", "checkpoint_every", "keep_checkpoints", "heatmap_every", "online_iterations",
         "eval_episodes", "max_skipped_updates", "sft_dir")
@@ -154,6 +156,10 @@ def validate_digirl(config: DigiRLConfig) -> None:
         raise ConfigError(f"algo must be one of {ALGOS}, got {config.algo!r}")
     if config.critic_trunk not in CRITIC_TRUNKS:
         raise ConfigError(f"critic_trunk must be one of {CRITIC_TRUNKS}, got {config.critic_trunk!r}")
+    model = config.model
+    if model.lora_rank or model.param_dtype != "float32" or model.compute_dtype != "float32" or model.remat:
+        raise ConfigError("LoRA, bf16 and remat (lora_rank, param_dtype, compute_dtype, remat) are wired into the "
+                          "PPO backbone only; the DigiRL backbone trains its policy in full, in float32")
     if config.offline_filter not in OFFLINE_FILTERS:
         raise ConfigError(f"offline_filter must be one of {OFFLINE_FILTERS}, got {config.offline_filter!r}")
     if config.logprob_floor is not None and not 0.0 < config.logprob_floor < 1.0:

@@ -84,10 +84,13 @@ class PPOConfig(_Composed):
         # ALFWorld's demonstrations play games of this task type and pool; left out (at their default)
         # for the gym_cards games, whose fingerprints predate them.
         "alfworld_task_type", "alfworld_pool_size",
+        "param_dtype", "compute_dtype", "random_weights", "text_layers", "vision_layers",
     )
     _LATER_FIELDS: ClassVar[tuple[str, ...]] = (
         "prompt_margin", "alfworld_task_type", "alfworld_pool_size", "max_skipped_updates",
-        "points_allow_fractional_powers", "blackjack_reference_render", "soft_backup")
+        "points_allow_fractional_powers", "blackjack_reference_render", "soft_backup", "lora_rank", "lora_alpha",
+        "lora_dropout", "train_vision", "param_dtype", "compute_dtype", "remat",
+        "random_weights", "text_layers", "vision_layers")
     # Bookkeeping, and where the start is cached (its content is checked by the start's own fingerprint),
     # so a moved or renamed grid still resumes.
     _RESUME_IGNORE: ClassVar[tuple[str, ...]] = (
@@ -203,7 +206,11 @@ _PPO_PAPER: dict[str, Any] = dict(
     num_envs=8, total_env_steps=15_000, max_new_tokens=256, temperature=0.2,
     gamma=0.9, gae_lambda=0.95, clip_eps=0.1, value_clip_eps=0.1, thought_coef=0.5,
     ppo_epochs=4, minibatch_size=128, grad_accum_steps=128, lr=1e-5, lr_min=1e-9, lr_decay_updates=25,
-    sft_epochs=3, max_grad_norm=0.01, causal_lr=1e-5, causal_pretrain_steps=500, causal_replay_capacity=100_000,
+    max_grad_norm=0.01, causal_lr=1e-5, causal_pretrain_steps=500, causal_replay_capacity=100_000,
+    # RL4VLM's real-scale setting: start from an SFT'd checkpoint (--hf_dir) as it is, LoRA r128 / alpha
+    # 256 / dropout 0.05 on the language model, a bf16 base, layer remat (docs/real_scale.md).
+    sft_epochs=0, lora_rank=128, lora_alpha=256.0, lora_dropout=0.05, param_dtype="bfloat16",
+    compute_dtype="bfloat16", remat=True,
 )
 
 
@@ -212,8 +219,9 @@ def ppo_preset(name: str, **overrides: Any) -> PPOConfig:
 
     `tiny_cpu`: a tiny LLaVA trained from scratch that runs SFT + online RL on a CPU in minutes.
     `paper`: RL4VLM's PPO numbers (gamma 0.9, GAE 0.95, clip 0.1, lambda 0.5, temperature 0.2,
-    lr 1e-5 cosine, 512 steps per update (1024 for EZPoints/Points24), 15k env steps); meant for a
-    real LLaVA (`hf_dir`) on an accelerator.
+    lr 1e-5 cosine, 512 steps per update (1024 for EZPoints/Points24), 15k env steps) and its real-scale
+    setting (LoRA r128 / alpha 256 / dropout 0.05 on the language model, bf16 base, layer remat, the
+    `hf_dir` checkpoint as the start without further SFT); meant for a real LLaVA on an accelerator.
 
     Per-env defaults (explicit overrides win): Points24 (tiny_cpu): `max_new_tokens` 64.
       EZPoints (tiny_cpu): `sft_epochs` 3, so the SFT start leaves room to improve (~31% vs 97%).

@@ -80,11 +80,17 @@ def load_or_build(config: PPOConfig, cache: StartCache) -> PPOStart:
     encoder = policy_lib.make_encoder(model, tokenizer, demos.prompts, image_fn, num_image_tokens)
     classifier = policy_lib.build_classifier(model, len(tokenizer), text_interface(config.env).num_labels)
     demo_tokens, demo_mask = sft_lib.encode_answers(tokenizer, demos.answers, model.max_new_tokens)
-    modules = {"policy": policy, "value_head": value_head, "classifier": classifier}
+    modules = {"value_head": value_head, "classifier": classifier}
+    # A start without SFT from a local checkpoint (the paper preset: RL4VLM starts from an SFT'd model) keeps
+    # the policy in hf_dir (or in its random seed): the cache stores the value head and classifier only (a 7B
+    # policy is ~14-28 GiB).
+    if not ((model.hf_dir or model.random_weights) and sft.epochs == 0):
+        modules["policy"] = policy
     if cache.complete:
         summary = cache.load_weights(modules)
     else:
-        data = sft_lib.sft_arrays(demos, encoder, tokenizer, model.max_new_tokens)
+        data = (sft_lib.sft_arrays(demos, encoder, tokenizer, model.max_new_tokens) if sft.epochs
+                else {"response_ids": demo_tokens})
         summary = supervised_start(
             policy, classifier, data, (demo_tokens, demo_mask, demos.labels), epochs=sft.epochs, lr=sft.lr,
             batch_size=sft.batch_size, pretrain_steps=config.causal.pretrain_steps, classifier_lr=config.causal.lr,

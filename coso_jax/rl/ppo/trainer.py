@@ -28,6 +28,8 @@ from flax import nnx
 
 from coso_jax import losses, sampling
 from coso_jax import metrics as metrics_lib
+from coso_jax.checkpoint import CheckpointError, tree_digest
+from coso_jax.models import lora
 from coso_jax.rl import policy as policy_lib
 from coso_jax.rl.buffers import RolloutBuffer, image_fields_of
 from coso_jax.rl.causal_term import CausalTerm
@@ -63,10 +65,10 @@ class SampleSettings:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def sample_step(graphdef: nnx.GraphDef, settings: SampleSettings, params: Any, inputs: dict[str, jax.Array],
-                key: jax.Array) -> sampling.SampleOutput:
-    """Responses, log-probs and values for one batch of encoded prompts (`sampling.sample_fn`)."""
-    model = nnx.merge(graphdef, params)
+def sample_step(graphdef: nnx.GraphDef, settings: SampleSettings, params: Any, frozen: Any,
+                inputs: dict[str, jax.Array], key: jax.Array) -> sampling.SampleOutput:
+    """Responses, log-probs, entropies and values for one batch of encoded prompts (`sampling.sample_fn`)."""
+    model = nnx.merge(graphdef, params, frozen)
     return sampling.sample_fn(
         model.policy, model.value_head, inputs["prompt_ids"], inputs["prompt_mask"], key,
         pixel_values=inputs["pixel_values"], image_sizes=inputs.get("image_sizes"),
@@ -75,9 +77,9 @@ def sample_step(graphdef: nnx.GraphDef, settings: SampleSettings, params: Any, i
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def value_step(graphdef: nnx.GraphDef, params: Any, inputs: dict[str, jax.Array]) -> jax.Array:
+def value_step(graphdef: nnx.GraphDef, params: Any, frozen: Any, inputs: dict[str, jax.Array]) -> jax.Array:
     """The value head at the last prompt token `[B]` (GAE's bootstrap)."""
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(graphdef, params, frozen)
     _, _, values, _ = sampling.prefill_fn(
         model.policy, model.value_head, inputs["prompt_ids"], inputs["prompt_mask"],
         pixel_values=inputs["pixel_values"], image_sizes=inputs.get("image_sizes"), max_new_tokens=1)
@@ -114,7 +116,16 @@ class PPOTrainer:
         self.causal = CausalTerm(config.algo, config.causal, start.classifier, self.tokenizer, model.max_new_tokens,
                                  seed=config.run.seed,
                                  demonstrations=(start.demo_tokens, start.demo_mask, start.demo_labels))
-        self.graphdef, params = nnx.split(ActorCritic(start.policy, start.value_head), nnx.Param)
+        actor_critic = ActorCritic(start.policy, start.value_head)
+        trainable = nnx.Param  # full fine-tuning: every parameter
+        if model.lora_rank:
+            actor_critic = lora.apply_lora(actor_critic, rank=model.lora_rank, alpha=model.lora_alpha,
+                                           dropout=model.lora_dropout, rngs=nnx.Rngs(config.run.seed))
+            trainable = lora.trainable_filter(train_vision=model.train_vision, train_projector=model.train_vision)
+        # Trainable state (optimised, donated, checkpointed) and the frozen rest (the LoRA base).
+        self.graphdef, params, frozen = nnx.split(actor_critic, trainable, ...)
+        self.frozen = put(frozen, state_shardings(self.mesh, frozen))
+        self.base_digest = tree_digest(frozen)
         self.param_shardings = state_shardings(self.mesh, params)
         self.params = put(params, self.param_shardings)
         steps_per_update = config.ppo_epochs * (config.steps_per_update // config.minibatch_size)
@@ -125,7 +136,8 @@ class PPOTrainer:
         self.opt_state = put(opt_state, self.opt_shardings)
         self.hp = PPOHyper(clip_eps=config.clip_eps, value_clip_eps=config.value_clip_eps, value_coef=config.value_coef,
                            thought_coef=config.thought_coef, temperature=model.temperature, epochs=config.ppo_epochs,
-                           minibatch_size=config.minibatch_size, grad_accum_steps=config.grad_accum_steps)
+                           minibatch_size=config.minibatch_size, grad_accum_steps=config.grad_accum_steps,
+                           remat=model.remat, lora_dropout=bool(model.lora_rank and model.lora_dropout))
         self.sample_settings = SampleSettings(model.max_new_tokens, model.temperature, model.top_p,
                                               int(self.tokenizer.eos_token_id), int(self.tokenizer.pad_token_id))
         self.run_key = jax.random.key(config.run.seed)
@@ -144,7 +156,7 @@ class PPOTrainer:
     def policy_fn(self, key: jax.Array):
         """The rollout's policy: call `t` of a collection samples with `fold_in(key, t)`."""
         def sample(inputs: dict[str, np.ndarray], t: int) -> StepOutput:
-            out = jax.device_get(sample_step(self.graphdef, self.sample_settings, self.params, inputs,
+            out = jax.device_get(sample_step(self.graphdef, self.sample_settings, self.params, self.frozen, inputs,
                                              jax.random.fold_in(key, t)))
             return StepOutput(np.asarray(out.tokens), np.asarray(out.logprobs), np.asarray(out.mask),
                               np.asarray(out.values), np.asarray(out.entropies))
@@ -155,7 +167,7 @@ class PPOTrainer:
         config, timer = self.config, self.run.timer
         with timer.phase("rollout"):
             stats = self.rollout.collect(self.buffer, self.policy_fn(phase_key(key, "rollout")))
-            bootstrap = np.asarray(value_step(self.graphdef, self.params, self.rollout.current_inputs()))
+            bootstrap = np.asarray(value_step(self.graphdef, self.params, self.frozen, self.rollout.current_inputs()))
         for episode_return, length, success in zip(stats.returns, stats.lengths, stats.successes):
             self.tracker.add_episode(episode_return, length, success)
         flat = self.buffer.flat()
@@ -186,7 +198,7 @@ class PPOTrainer:
             batch = put(batch, batch_shardings(self.mesh, batch))
             self.params, self.opt_state, metrics = phase.block(update_step(
                 self.graphdef, self.hp, self.opt, self.mesh, self.params, self.opt_state, batch,
-                phase_key(key, "update"), jnp.float32(self.causal.alpha)))
+                phase_key(key, "update"), jnp.float32(self.causal.alpha), self.frozen))
             metrics = jax.device_get(metrics)
         self.iteration += 1
         self.last_batch = flat
@@ -265,6 +277,7 @@ class PPOTrainer:
         env_state = self.rollout.state_bytes()
         meta = {
             "format": CHECKPOINT_FORMAT,
+            "base_digest": self.base_digest,  # the frozen base is not saved: it comes from the start / hf_dir
             "iteration": self.iteration,
             "env_steps": self.rollout.total_env_steps,
             "tracker": self.tracker.state_dict(),
@@ -274,6 +287,10 @@ class PPOTrainer:
         return self._checkpoint_items(env_state), meta
 
     def _restore(self, items: dict[str, Any], meta: dict[str, Any]) -> None:
+        if meta.get("base_digest", self.base_digest) != self.base_digest:
+            raise CheckpointError(
+                f"the frozen base model differs from the one this checkpoint's adapters were trained on "
+                f"({self.config.model.hf_dir or 'the cached start'}); resume with the same base weights")
         self.params = put(items["params"], self.param_shardings)
         self.opt_state = put(items["opt_state"], self.opt_shardings)
         self.causal.restore(items, meta)

@@ -52,7 +52,8 @@ class PPOHyper:
     epochs: int = 4
     minibatch_size: int = 32
     grad_accum_steps: int = 1
-    remat: bool = False
+    remat: bool = False  # recompute each decoder layer in the backward pass
+    lora_dropout: bool = False  # a LoRA model with dropout: enable it in the loss, a fresh key per micro-step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,36 +103,48 @@ def ppo_loss(model: ActorCritic, batch: dict[str, jax.Array], hp: PPOHyper, alph
 
 
 def update(graphdef: nnx.GraphDef, hp: PPOHyper, opt: OptimizerConfig, mesh: jax.sharding.Mesh | None,
-           params: Any, opt_state: Any, batch: dict[str, jax.Array], key: jax.Array, alpha: jax.Array
-           ) -> tuple[Any, Any, dict[str, jax.Array]]:
+           params: Any, opt_state: Any, batch: dict[str, jax.Array], key: jax.Array, alpha: jax.Array,
+           frozen: Any = None) -> tuple[Any, Any, dict[str, jax.Array]]:
     """One PPO update: `(params, opt_state, metrics)` (see the module docstring).
 
-    params: the `nnx.Param` state of an `ActorCritic` (graphdef). batch: `BATCH_FIELDS` with the same
-    leading size n, a multiple of `hp.minibatch_size`. mesh: where params and optimizer state live
-    (their shardings are kept; None: one device). Metrics are means over the applied minibatches
-    (nan if none was applied), plus `skipped_minibatches` and `minibatches` (counts).
+    params: the trainable state of an `ActorCritic` (graphdef): every `nnx.Param`, or with LoRA the
+    adapters and the value head; frozen: the rest (the frozen base; not differentiated, not donated).
+    batch: `BATCH_FIELDS` with the same leading size n, a multiple of `hp.minibatch_size`. mesh: where
+    params and optimizer state live (their shardings are kept; None: one device). Metrics are means
+    over the applied minibatches (nan if none was applied), plus `skipped_minibatches` and
+    `minibatches` (counts).
     """
     tx = make_optimizer(opt)
     n = batch["response_ids"].shape[0]
     num_minibatches = n // hp.minibatch_size
     micro = hp.minibatch_size // hp.grad_accum_steps
 
-    def micro_loss(p, m):
-        return ppo_loss(nnx.merge(graphdef, p), m, hp, alpha)
+    frozen = nnx.State({}) if frozen is None else frozen
+
+    def micro_loss(p, m, dropout_key):
+        model = nnx.merge(graphdef, p, frozen)
+        if hp.lora_dropout:
+            from coso_jax.models import lora
+
+            lora.enable_dropout(model, dropout_key)
+        return ppo_loss(model, m, hp, alpha)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-    def minibatch_step(carry, idx):
+    def minibatch_step(carry, xs):
+        idx, mb_key = xs
         params, opt_state = carry
         minibatch = jax.tree.map(lambda x: x[idx].reshape((hp.grad_accum_steps, micro) + x.shape[1:]), batch)
+        micro_keys = jax.random.split(mb_key, hp.grad_accum_steps)
 
-        def accumulate(acc, m):
-            (_, aux), grads = grad_fn(params, m)
+        def accumulate(acc, m_and_key):
+            m, k = m_and_key
+            (_, aux), grads = grad_fn(params, m, k)
             return jax.tree.map(jnp.add, acc, (grads, aux)), None
 
         first = jax.tree.map(lambda x: x[0], minibatch)
-        zeros = jax.tree.map(jnp.zeros_like, (params, jax.eval_shape(lambda: micro_loss(params, first)[1])))
-        (grads, aux), _ = jax.lax.scan(accumulate, zeros, minibatch)
+        zeros = jax.tree.map(jnp.zeros_like, (params, jax.eval_shape(lambda: micro_loss(params, first, mb_key)[1])))
+        (grads, aux), _ = jax.lax.scan(accumulate, zeros, (minibatch, micro_keys))
         grads, aux = jax.tree.map(lambda a: a / hp.grad_accum_steps, (grads, aux))
         finite = tree_all_finite(grads) & jnp.isfinite(aux["loss"])
         updates, new_opt_state = tx.update(grads, opt_state, params)
@@ -140,12 +153,15 @@ def update(graphdef: nnx.GraphDef, hp: PPOHyper, opt: OptimizerConfig, mesh: jax
         aux = dict(aux, grad_norm=optax.tree.norm(grads))
         return (keep(new_params, params), keep(new_opt_state, opt_state)), (aux, finite)
 
-    def epoch(carry, epoch_key):
+    def epoch(carry, keys):
+        epoch_key, dropout_key = keys
         order = jax.random.permutation(epoch_key, n).reshape(num_minibatches, hp.minibatch_size)
-        return jax.lax.scan(minibatch_step, carry, order)
+        return jax.lax.scan(minibatch_step, carry, (order, jax.random.split(dropout_key, num_minibatches)))
 
+    # Minibatch order from split(key); LoRA dropout masks from their own stream.
+    dropout_keys = jax.random.split(jax.random.fold_in(key, 1), hp.epochs)
     (params, opt_state), (metrics, applied) = jax.lax.scan(
-        epoch, (params, opt_state), jax.random.split(key, hp.epochs))
+        epoch, (params, opt_state), (jax.random.split(key, hp.epochs), dropout_keys))
     count = jnp.sum(applied)
     summary = jax.tree.map(lambda m: jnp.where(count > 0, jnp.sum(jnp.where(applied, m, 0.0)) / jnp.maximum(count, 1),
                                                jnp.nan), metrics)
