@@ -3,9 +3,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from coso_jax.causal import (bucket_length, causal_weights, counterfactual_effects,
-                             bucket_lengths, precompile, trace_count)
+from coso_jax.causal import (
+    bucket_length,
+    bucket_lengths,
+    causal_weights,
+    counterfactual_effects,
+    precompile,
+    trace_count,
+)
+from coso_jax.causal import effects as effects_lib
+from coso_jax.causal.classifier import CausalClassifier, ClassifierConfig, logits_fn
 
 VOCAB, NUM_LABELS, UNK, PAD = 23, 3, 1, 0
 SKIP_IDS = (0, 2, 5, 6)  # pad, a "special" and two "punctuation" ids
@@ -44,7 +53,7 @@ _jitted = {}
 
 
 def loop_effects(logits_fn, tokens, mask, labels, window, skip_positions):
-    """DESIGN.md step 3 literally: one ablated sequence at a time at the full padded length."""
+    """docs/design.md step 3 literally: one ablated sequence at a time at the full padded length."""
     fn = _jitted.setdefault(id(logits_fn), jax.jit(logits_fn))
     batch, length = tokens.shape
     effects = np.zeros((batch, length), np.float32)
@@ -183,6 +192,93 @@ def test_input_errors_name_the_problem():
                                skip_mask=np.zeros((3, 3), bool))
     with pytest.raises(ValueError, match="tokens"):
         counterfactual_effects(MASKED_MODEL, tokens[0], mask[0], labels, mask_token_id=UNK)
+
+
+# ---------------------------------------------------------------------------------------------
+# The classifier fast path (per-row first-layer tables) against the generic path and the loop.
+def _classifier(seed=0):
+    # A large initializer so that single tokens move the probabilities visibly.
+    config = ClassifierConfig.tiny(VOCAB, NUM_LABELS, initializer_range=0.3, dropout_rate=0.0)
+    return logits_fn(CausalClassifier(config, rngs=nnx.Rngs(seed)))
+
+
+CLASSIFIER_FN = _classifier()
+
+
+def _opaque_classifier(tokens, mask):
+    """The same classifier behind a plain function: the kernel's generic path."""
+    return CLASSIFIER_FN(tokens, mask)
+
+
+def classifier_batch(batch, length, seed, left_padding=False):
+    """make_batch plus the cases the fast path packs differently: a row that is mostly skip
+    tokens (few items: chunks close early on their row limit), the mask token inside a row, and
+    a duplicate of row 0 with other ids in its padding."""
+    tokens, mask, labels, skip_vocab = make_batch(batch, length, seed, left_padding)
+    tokens[1] = np.where(np.arange(length) % 5 == 0, 3, SKIP_IDS[2])
+    mask[1] = True
+    tokens[2, 1] = UNK
+    tokens[3], mask[3], labels[3] = tokens[0], mask[0], labels[0]
+    mask[4] = mask[0]
+    tokens[4] = np.where(mask[4], tokens[0], 7)
+    labels[4] = labels[0]
+    return tokens, mask, labels, skip_vocab
+
+
+@pytest.mark.parametrize("window, left_padding", [(1, False), (4, False), (3, True)])
+def test_classifier_fast_path_matches_generic_path_and_loop(window, left_padding):
+    assert effects_lib._uses_fast_path(CLASSIFIER_FN)
+    assert not effects_lib._uses_fast_path(_opaque_classifier)
+    tokens, mask, labels, skip_vocab = classifier_batch(7, 40, seed=window, left_padding=left_padding)
+    skip_positions = skip_vocab[tokens]
+    expected = loop_effects(CLASSIFIER_FN, tokens, mask, labels, window, skip_positions)
+    assert expected.max() > 1e-3
+    for pad_invariant in (True, False):
+        for chunk_size in (None, 3):
+            kwargs = dict(window=window, mask_token_id=UNK, skip_mask=skip_vocab, chunk_size=chunk_size,
+                          pad_invariant=pad_invariant)
+            fast = np.asarray(counterfactual_effects(CLASSIFIER_FN, tokens, mask, labels, **kwargs))
+            generic = np.asarray(counterfactual_effects(_opaque_classifier, tokens, mask, labels, **kwargs))
+            msg = f"pad_invariant={pad_invariant} chunk_size={chunk_size}"
+            np.testing.assert_allclose(fast, generic, atol=1e-5, rtol=0, err_msg=msg)
+            np.testing.assert_allclose(fast, expected, atol=1e-5, rtol=0, err_msg=msg)
+            np.testing.assert_array_equal(fast[3], fast[0])  # the duplicate row, scored once
+            if pad_invariant:
+                np.testing.assert_array_equal(fast[4], fast[0])  # other padding, same row
+
+
+def test_classifier_fast_path_precompile_is_batch_size_independent():
+    # A structure no other test uses (1 layer): nothing compiled for it yet.
+    model = CausalClassifier(ClassifierConfig.tiny(VOCAB, NUM_LABELS, num_layers=1), rngs=nnx.Rngs(4))
+    compiled = precompile(logits_fn(model), 24)
+    assert compiled == len(bucket_lengths(24))
+    before = trace_count()
+    for batch, seed in ((3, 20), (9, 21), (16, 22)):
+        tokens, mask, labels, skip_vocab = make_batch(batch, 24, seed=seed)
+        counterfactual_effects(logits_fn(model), tokens, mask, labels, mask_token_id=UNK,
+                               skip_mask=skip_vocab, pad_invariant=True)
+    # New weights of the same structure reuse the compiled scorers too.
+    other = CausalClassifier(ClassifierConfig.tiny(VOCAB, NUM_LABELS, num_layers=1), rngs=nnx.Rngs(5))
+    counterfactual_effects(logits_fn(other), tokens, mask, labels, mask_token_id=UNK, pad_invariant=True)
+    assert trace_count() == before, "a batch of another size or new weights recompiled"
+
+
+def test_row_limited_chunks():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        runs = rng.integers(1, 12, rng.integers(1, 10))
+        rows = np.repeat(np.arange(runs.size) * 3, runs)
+        chunk, max_rows = int(rng.integers(1, 10)), int(rng.integers(1, 4))
+        bounds = effects_lib._row_limited_chunks(rows, chunk, max_rows)
+        assert bounds[0][0] == 0 and bounds[-1][1] == rows.size
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+        for begin, end in bounds:
+            assert 0 < end - begin <= chunk and np.unique(rows[begin:end]).size <= max_rows
+        # Greedy: a chunk only closes when full or when the next item's row would exceed the limit.
+        for (begin, end), _ in zip(bounds, bounds[1:]):
+            assert end - begin == chunk or (np.unique(rows[begin:end]).size == max_rows
+                                            and rows[end] != rows[end - 1])
+    assert effects_lib._row_limited_chunks(np.zeros(0, np.int64), 4, 2) == []
 
 
 def np_weights(effects, valid):

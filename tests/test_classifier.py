@@ -6,8 +6,14 @@ import pytest
 from flax import nnx
 
 from coso_jax.causal import causal_weights, counterfactual_effects
-from coso_jax.causal.classifier import (CausalClassifier, ClassifierConfig, logits_fn,
-                                        make_optimizer, make_train_step, predict_proba)
+from coso_jax.causal.classifier import (
+    CausalClassifier,
+    ClassifierConfig,
+    logits_fn,
+    make_optimizer,
+    make_train_step,
+    predict_proba,
+)
 
 PAD, UNK = 0, 1
 KEYWORDS = (2, 3, 4, 5)  # keyword k decides the label: KEYWORDS.index(k) % 2

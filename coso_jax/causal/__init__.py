@@ -1,7 +1,13 @@
 """CoSo's causal machinery: counterfactual token effects, causal weights, the action-type
 classifier, the skip-token mask and the token heatmap."""
-from coso_jax.causal.effects import (bucket_length, bucket_lengths, causal_weights,
-                                     counterfactual_effects, precompile, trace_count)
+from coso_jax.causal.effects import (
+                                     bucket_length,
+                                     bucket_lengths,
+                                     causal_weights,
+                                     counterfactual_effects,
+                                     precompile,
+                                     trace_count,
+)
 from coso_jax.causal.skip import SKIP_STRINGS, skip_token_mask
 
 __all__ = [

@@ -1,7 +1,7 @@
 """The action-type classifier: CoSo's learned stand-in for the causal model a = f(y).
 
 A small bidirectional transformer encoder (BERT-like, post-LayerNorm) maps the tokens of an action
-text to logits over action-type labels (DESIGN.md step 2). Its reference size is hidden 128, 4 heads,
+text to logits over action-type labels (docs/design.md, step 2). Its reference size is hidden 128, 4 heads,
 3 layers, FFN 512, 512 positions. Unlike the reference, which averages over *all* positions, we pool
 with a masked mean, so a row's logits do not depend on its padded positions: this is what lets the
 counterfactual kernel run with ``pad_invariant=True`` and score shorter sequences. Padded positions
@@ -98,6 +98,17 @@ def _split_or_none(key: jax.Array | None, num: int):
     return [None] * num if key is None else list(jax.random.split(key, num))
 
 
+def _gelu(x: jax.Array, approximate: bool) -> jax.Array:
+    """GELU; the exact form is x/2 (1 + erf(x / sqrt 2)), as torch's ``gelu``.
+
+    Written with ``erf``: ``jax.nn.gelu(approximate=False)`` goes through ``erfc``, whose
+    XLA:CPU expansion (two branches and an exp) makes the FFN ~10% slower. Same function; the
+    two forms differ by float32 rounding (< 1e-6 absolute for |x| < 10)."""
+    if approximate:
+        return jax.nn.gelu(x, approximate=True)
+    return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+
+
 class EncoderLayer(nnx.Module):
     """Post-LN transformer encoder layer (as torch's TransformerEncoderLayer, norm_first=False)."""
 
@@ -113,16 +124,27 @@ class EncoderLayer(nnx.Module):
         self.ffn_out = nnx.Linear(ffn, hidden, kernel_init=init, rngs=rngs)
         self.ffn_norm = nnx.LayerNorm(hidden, epsilon=config.layer_norm_eps, rngs=rngs)
 
-    def __call__(self, x: jax.Array, key_bias: jax.Array, dropout_key: jax.Array | None = None):
-        """x: [B, L, H]; key_bias: [B, 1, 1, L] additive attention bias (0 or -1e9). -> [B, L, H]."""
+    def project_qkv(self, x: jax.Array) -> jax.Array:
+        """Q, K and V of ``x`` [B, L, H] as one array [3, B, heads, L, head_dim].
+
+        Projecting straight into this layout makes the attention's batched matmuls over
+        (B, heads) run ~2x faster on CPU than einsums over a [B, L, heads, head_dim] layout.
+        Each position's Q/K/V depends on that position's input only."""
+        cfg = self.config
+        kernel = self.qkv.kernel[...].reshape(x.shape[-1], 3, cfg.num_heads, cfg.head_dim)
+        bias = self.qkv.bias[...].reshape(3, 1, cfg.num_heads, 1, cfg.head_dim)
+        return jnp.einsum("blc,cshd->sbhld", x, kernel) + bias
+
+    def __call__(self, x: jax.Array, key_bias: jax.Array, dropout_key: jax.Array | None = None,
+                 *, qkv: jax.Array | None = None):
+        """x: [B, L, H]; key_bias: [B, 1, 1, L] additive attention bias (0 or -1e9). -> [B, L, H].
+
+        ``qkv``: ``self.project_qkv(x)`` when the caller already has it (the counterfactual
+        kernel assembles it from per-row and per-position tables)."""
         cfg = self.config
         hidden = x.shape[-1]
         keys = _split_or_none(dropout_key, 4)
-        # Project straight into [3, B, heads, L, head_dim]: batched matmuls over (B, heads) in this
-        # layout run ~2x faster on CPU than einsums over a [B, L, heads, head_dim] layout.
-        kernel = self.qkv.kernel[...].reshape(hidden, 3, cfg.num_heads, cfg.head_dim)
-        bias = self.qkv.bias[...].reshape(3, 1, cfg.num_heads, 1, cfg.head_dim)
-        q, k, v = jnp.einsum("blc,cshd->sbhld", x, kernel) + bias
+        q, k, v = self.project_qkv(x) if qkv is None else qkv
         scores = (q @ k.swapaxes(-1, -2)) / math.sqrt(cfg.head_dim) + key_bias
         # Softmax with the normalisation deferred until after the product with V: dividing the
         # [.., L, head_dim] result is cheaper than dividing [.., L, L] probabilities (same math;
@@ -133,7 +155,7 @@ class EncoderLayer(nnx.Module):
         out_kernel = self.attn_out.kernel[...].reshape(cfg.num_heads, cfg.head_dim, hidden)
         attended = jnp.einsum("bhld,hdc->blc", attended, out_kernel) + self.attn_out.bias[...]
         x = self.attn_norm(x + _dropout(attended, cfg.dropout_rate, keys[1]))
-        h = jax.nn.gelu(self.ffn_in(x), approximate=cfg.gelu_approximate)
+        h = _gelu(self.ffn_in(x), cfg.gelu_approximate)
         h = self.ffn_out(_dropout(h, cfg.dropout_rate, keys[2]))
         return self.ffn_norm(x + _dropout(h, cfg.dropout_rate, keys[3]))
 
@@ -164,17 +186,33 @@ class CausalClassifier(nnx.Module):
         if tokens.ndim != 2 or mask.shape != tokens.shape:
             raise ValueError(f"CausalClassifier expects tokens [B, L] and a mask of the same shape, "
                              f"got tokens {tokens.shape} and mask {mask.shape}")
-        length = tokens.shape[1]
-        if length > cfg.max_positions:
-            raise ValueError(f"sequence length {length} exceeds max_positions={cfg.max_positions}")
         keys = _split_or_none(dropout_key, cfg.num_layers + 2)
         valid = mask.astype(bool)
+        x = _dropout(self.embed(tokens, valid), cfg.dropout_rate, keys[0])
+        return self.encode(x, valid, keys[1:])
+
+    def embed(self, tokens: jax.Array, valid: jax.Array) -> jax.Array:
+        """The first layer's input [B, L, H] (no dropout): LayerNorm(token + position embedding).
+
+        Each position's value depends on its own token and index only; padded positions embed
+        id 0, whatever they hold."""
+        length = tokens.shape[1]
+        if length > self.config.max_positions:
+            raise ValueError(f"sequence length {length} exceeds max_positions={self.config.max_positions}")
         tokens = jnp.where(valid, tokens, 0)  # padded slots hold anything; id 0 embeds finitely
         x = self.token_embed(tokens) + self.position_embed(jnp.arange(length))[None]
-        x = _dropout(self.embed_norm(x), cfg.dropout_rate, keys[0])
+        return self.embed_norm(x)
+
+    def encode(self, x: jax.Array, valid: jax.Array, dropout_keys=None, *,
+               first_qkv: jax.Array | None = None) -> jax.Array:
+        """Logits [B, num_labels] from the embedded input ``x`` [B, L, H] and bool ``valid``
+        [B, L]. ``dropout_keys``: num_layers + 1 keys (or None); ``first_qkv``: the first layer's
+        ``project_qkv(x)``, when the caller has it."""
+        cfg = self.config
+        keys = [None] * (cfg.num_layers + 1) if dropout_keys is None else dropout_keys
         key_bias = jnp.where(valid, 0.0, _MASKED_SCORE).astype(x.dtype)[:, None, None, :]
-        for layer, key in zip(self.layers, keys[1:-1]):
-            x = layer(x, key_bias, key)
+        for index, (layer, key) in enumerate(zip(self.layers, keys[:-1])):
+            x = layer(x, key_bias, key, qkv=first_qkv if index == 0 else None)
         # Masked mean pooling: padded positions never reach the logits (pad invariance).
         count = valid.astype(x.dtype).sum(axis=1)[..., None]
         pooled = jnp.where(valid[..., None], x, 0.0).sum(axis=1) / jnp.maximum(count, 1.0)
@@ -263,7 +301,11 @@ class ClassifierLogitsFn:
         self.state = state
 
     def __call__(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
-        return nnx.merge(self.graphdef, self.state)(tokens, mask)
+        return self.model()(tokens, mask)
+
+    def model(self) -> "CausalClassifier":
+        """The classifier (``nnx.merge`` of the graph definition and the weights)."""
+        return nnx.merge(self.graphdef, self.state)
 
     def tree_flatten(self):
         return (self.state,), self.graphdef

@@ -1,4 +1,4 @@
-"""Counterfactual token effects and causal weights (DESIGN.md steps 3 and 4).
+"""Counterfactual token effects and causal weights (docs/design.md, steps 3 and 4).
 
 For a row y with label c and classifier f, p0 = softmax(f(y))[c]; the ablation at position i
 replaces positions min(i + o, L - 1), o = 0..window-1, with ``mask_token_id`` and the effect is
@@ -9,14 +9,28 @@ before the min-max, so NaN/inf there carries no weight.
 
 How the kernel avoids work whose result would be thrown away:
   * Only (row, position) pairs that are valid and not skip tokens are scored; each row's
-    unablated baseline is scored once, as one more item of the same stream.
+    unablated baseline is scored once, as one more item of the same stream (next to the row's
+    ablations). Identical rows of a batch are scored once.
   * With ``pad_invariant=True`` a row is scored at a bucketed length L' >= its last valid
     position + 1 instead of the batch's padded length L (length buckets step by at most 1/4).
   * Items of one bucket are packed into chunks of a static shape [chunk, L'] and each chunk is one
-    jitted forward whose ablations are built on device with ``vmap``. A bucket's partial last
-    chunk moves on to the next longer bucket instead of being padded. Shapes depend only on
-    (chunk, L'), never on the batch contents, so new batches reuse the compiled code;
-    ``trace_count()`` exposes how often the chunk scorer was traced.
+    jitted forward whose ablations are built on device. A bucket's partial last chunk moves on to
+    the next longer bucket instead of being padded. Shapes depend only on (chunk, L'), never on
+    the batch contents or size, so new batches reuse the compiled code; ``trace_count()`` exposes
+    how often a chunk scorer was traced.
+  * A chunk holds about 2048 tokens (``chunk_size=None``): on CPU, bigger chunks spill the FFN's
+    [tokens, 512] activations out of the per-core L2 cache and ran ~1.6x slower at 8192 tokens.
+
+Classifier fast path. When ``logits_fn`` is the project's ``ClassifierLogitsFn`` (a
+``CausalClassifier``), the kernel uses the model's structure: an ablation changes only its
+window's tokens, and the first layer's input (LayerNorm of token + position embedding) and its
+Q/K/V projection are per-position functions of (token, position). So each chunk computes them
+once for the (few) rows its items come from, plus once for the mask token at every position, and
+every item's first-layer input and Q/K/V are a per-position select between the two; attention
+mixes positions only after Q/K/V, so the result is the same function. A chunk then takes at most
+``_fast_rows(chunk, L')`` distinct rows (items come in runs by row, ~L' per row, so a chunk of
+~2048 tokens spans 2-3 rows at L' = 48); shapes still depend on (chunk, L') only. Any other
+``logits_fn`` takes the generic path (opaque forward on the ablated token ids).
 
 Since the ablated range {min(i + o, L - 1)} is the contiguous range [i, min(i + window, L) - 1],
 the clamp at L - 1 needs no special code; positions at or past L' are padding the classifier
@@ -32,22 +46,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from coso_jax.causal.classifier import CausalClassifier, ClassifierLogitsFn
+
 __all__ = ["counterfactual_effects", "causal_weights", "bucket_length", "bucket_lengths", "precompile",
            "trace_count"]
 
-# Tokens per forward when chunk_size is None: big enough for efficient matmuls on a CPU,
-# small enough that a chunk's activations stay in the tens of MB for the reference classifier.
-_AUTO_TOKENS_PER_CHUNK = 8192
+# Tokens per forward when chunk_size is None: on a 2-core CPU, chunks of 512-2048 tokens ran
+# fastest for the reference classifier (their FFN activations, [tokens, 512] float32, stay near
+# the L2 cache); 8192 tokens per chunk was ~1.6x slower.
+_AUTO_TOKENS_PER_CHUNK = 2048
 _MIN_AUTO_CHUNK = 8
 
-# How often the chunk scorer was traced (= compiled), per (chunk, length) shape. Instrumentation
-# only: tests and benchmarks read it to show that new batches of a known shape do not recompile.
+# How often a chunk scorer was traced (= compiled), per shape. Instrumentation only: tests and
+# benchmarks read it to show that new batches of a known shape do not recompile.
 _TRACES: collections.Counter = collections.Counter()
 _log = logging.getLogger(__name__)
 
 
 def trace_count() -> int:
-    """Total number of times the kernel's chunk scorer has been traced (compiled) so far."""
+    """Total number of times the kernel's chunk scorers have been traced (compiled) so far."""
     return sum(_TRACES.values())
 
 
@@ -71,6 +88,30 @@ def _chunk_for(bucket: int, chunk_size: int | None) -> int:
     return chunk_size or max(_MIN_AUTO_CHUNK, _AUTO_TOKENS_PER_CHUNK // int(bucket))
 
 
+def _fast_rows(chunk: int, bucket: int) -> int:
+    """Distinct rows one fast-path chunk may draw its items from (static).
+
+    Enough for rows with >= L'/4 items each to fill a chunk (a row has up to L' + 1 items), and
+    small enough that the per-row tables (embedding + first Q/K/V for rows x L' tokens) cost a
+    few percent of the chunk's forward. Chunks close early when rows have fewer items (e.g.
+    mostly skip tokens): slower, never wrong."""
+    return int(min(chunk, max(2, -(-4 * chunk // int(bucket)) + 1)))
+
+
+def _uses_fast_path(logits_fn: Callable) -> bool:
+    """True for a ``ClassifierLogitsFn`` whose model is a ``CausalClassifier``."""
+    if not isinstance(logits_fn, ClassifierLogitsFn):
+        return False
+    graphdef = logits_fn.graphdef
+    known = _FAST_GRAPHS.get(graphdef)
+    if known is None:
+        known = _FAST_GRAPHS[graphdef] = isinstance(logits_fn.model(), CausalClassifier)
+    return known
+
+
+_FAST_GRAPHS: dict = {}
+
+
 def precompile(logits_fn: Callable, full_length: int, *, chunk_size: int | None = None,
                pad_invariant: bool = True) -> int:
     """Compiles the chunk scorer for every shape batches padded to ``full_length`` can need.
@@ -79,16 +120,24 @@ def precompile(logits_fn: Callable, full_length: int, *, chunk_size: int | None 
     buckets a batch touches depends on its row lengths, so a new batch can meet a bucket no earlier
     batch did and compile it then. Calling this once up front (e.g. when a trainer starts) moves
     all of those compiles to one place (shapes compiled before are a cache hit: one dummy forward
-    each). Returns the number of shapes compiled now.
+    each). Shapes do not depend on the batch size. Returns the number of shapes compiled now.
     """
     fn_arrays, fn_static = _split_callable(logits_fn)
+    fast = _uses_fast_path(logits_fn)
     lengths = bucket_lengths(full_length) if pad_invariant else [int(full_length)]
     before = trace_count()
     for bucket in lengths:
         chunk = _chunk_for(bucket, chunk_size)
-        zeros = np.zeros((chunk, bucket), np.int32)
-        _score_chunk(fn_arrays, zeros, np.ones_like(zeros), np.zeros(chunk, np.int32),
-                     np.full(chunk, -1, np.int32), np.int32(1), np.int32(0), fn_static=fn_static)
+        items = np.zeros(chunk, np.int32)
+        starts = np.full(chunk, -1, np.int32)
+        if fast:
+            rows = np.zeros((_fast_rows(chunk, bucket), bucket), np.int32)
+            _score_chunk_fast(fn_arrays, rows, np.ones_like(rows), items, items, starts, np.int32(1),
+                              np.int32(0), fn_static=fn_static)
+        else:
+            zeros = np.zeros((chunk, bucket), np.int32)
+            _score_chunk(fn_arrays, zeros, np.ones_like(zeros), items, starts, np.int32(1), np.int32(0),
+                         fn_static=fn_static)
     return trace_count() - before
 
 
@@ -113,26 +162,86 @@ def _join_callable(arrays: list, static: tuple) -> Callable:
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def _score_chunk_impl(fn_arrays, tokens, mask, labels, starts, window, mask_token_id, *, fn_static):
-    """Probabilities of each item's label after its ablation. Shapes: tokens/mask [C, L'],
-    labels/starts [C]; start < 0 means the unablated baseline. ``window`` and ``mask_token_id``
-    are traced scalars, so changing them does not recompile. Returns float32 [C]."""
-    _TRACES[tokens.shape] += 1
-    _log.info("counterfactual_effects: compiling chunk scorer for shape %s", tokens.shape)
-    logits_fn = _join_callable(fn_arrays, fn_static)
-    positions = jnp.arange(tokens.shape[1])
-
-    def ablate(row_tokens, start):
-        hit = (start >= 0) & (positions >= start) & (positions < start + window)
-        return jnp.where(hit, mask_token_id.astype(row_tokens.dtype), row_tokens)
-
-    ablated = jax.vmap(ablate)(tokens, starts)
-    logits = logits_fn(ablated, mask).astype(jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1)
+def _label_probs(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     return jnp.take_along_axis(probs, labels[:, None], axis=1)[:, 0]
 
 
+def _window_hits(starts: jax.Array, length: int, window: jax.Array) -> jax.Array:
+    """[C, L'] bool: position p of item c is ablated (start < 0 means the unablated baseline)."""
+    positions = jnp.arange(length)[None]
+    starts = starts[:, None]
+    return (starts >= 0) & (positions >= starts) & (positions < starts + window)
+
+
+def _score_chunk_impl(fn_arrays, tokens, mask, labels, starts, window, mask_token_id, *, fn_static):
+    """Generic path: probabilities of each item's label after its ablation. Shapes: tokens/mask
+    [C, L'], labels/starts [C]; start < 0 means the unablated baseline. ``window`` and
+    ``mask_token_id`` are traced scalars, so changing them does not recompile. float32 [C]."""
+    _TRACES[tokens.shape] += 1
+    _log.info("counterfactual_effects: compiling chunk scorer for shape %s", tokens.shape)
+    logits_fn = _join_callable(fn_arrays, fn_static)
+    hit = _window_hits(starts, tokens.shape[1], window)
+    ablated = jnp.where(hit, mask_token_id.astype(tokens.dtype), tokens)
+    return _label_probs(logits_fn(ablated, mask), labels)
+
+
 _score_chunk = jax.jit(_score_chunk_impl, static_argnames=("fn_static",))
+
+
+def _score_chunk_fast_impl(fn_arrays, row_tokens, row_mask, item_rows, labels, starts, window, mask_token_id,
+                           *, fn_static):
+    """Classifier fast path: like ``_score_chunk`` for items drawn from a few rows.
+
+    row_tokens/row_mask [R, L'] (the chunk's distinct rows), item_rows [C] (index into them),
+    labels/starts [C]. The first layer's input and Q/K/V are computed per row and for the mask
+    token at each position, then selected per item and position (see the module docstring).
+    Equal to ``model(ablated tokens, mask)`` item by item. float32 [C]."""
+    _TRACES[("classifier", item_rows.shape[0]) + row_tokens.shape] += 1
+    _log.info("counterfactual_effects: compiling classifier chunk scorer for %d items from %s rows",
+              item_rows.shape[0], row_tokens.shape)
+    model = _join_callable(fn_arrays, fn_static).model()
+    first = model.layers[0]
+    length = row_tokens.shape[1]
+    row_valid = row_mask.astype(bool)
+    row_x = model.embed(row_tokens, row_valid)                                # [R, L', H]
+    row_qkv = first.project_qkv(row_x)                                        # [3, R, heads, L', hd]
+    all_masked = jnp.full((1, length), mask_token_id, row_tokens.dtype)
+    mask_x = model.embed(all_masked, jnp.ones((1, length), bool))            # [1, L', H]
+    mask_qkv = first.project_qkv(mask_x)                                      # [3, 1, heads, L', hd]
+    valid = row_valid[item_rows]                                              # [C, L']
+    # Ablating a padded position changes nothing (padding embeds id 0 whatever it holds).
+    hit = _window_hits(starts, length, window) & valid
+    x = jnp.where(hit[..., None], mask_x, row_x[item_rows])
+    qkv = jnp.where(hit[None, :, None, :, None], mask_qkv, row_qkv[:, item_rows])
+    return _label_probs(model.encode(x, valid, first_qkv=qkv), labels)
+
+
+_score_chunk_fast = jax.jit(_score_chunk_fast_impl, static_argnames=("fn_static",))
+
+
+def _fixed_chunks(num_items: int, chunk: int) -> list[tuple[int, int]]:
+    return [(begin, min(begin + chunk, num_items)) for begin in range(0, num_items, chunk)]
+
+
+def _row_limited_chunks(rows: np.ndarray, chunk: int, max_rows: int) -> list[tuple[int, int]]:
+    """Splits an item stream whose rows come in runs into [begin, end) ranges of at most ``chunk``
+    items drawn from at most ``max_rows`` runs (distinct rows)."""
+    if rows.size == 0:
+        return []
+    run_begins = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+    run_ends = np.r_[run_begins[1:], rows.size]
+    bounds, begin, runs = [], 0, 0
+    for run_begin, run_end in zip(run_begins.tolist(), run_ends.tolist()):
+        position = run_begin
+        while position < run_end:
+            if runs == max_rows or position - begin == chunk:
+                bounds.append((begin, position))
+                begin, runs = position, 0
+            position = min(run_end, begin + chunk)
+            runs += 1
+    bounds.append((begin, rows.size))
+    return bounds
 
 
 def _position_skip_mask(skip_mask, tokens: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -172,7 +281,8 @@ def counterfactual_effects(
     Args:
       logits_fn: ``(tokens[N, L'] int32, attention_mask[N, L'] int32) -> logits[N, num_labels]``;
         jit-traceable. A pytree callable (e.g. ``classifier.logits_fn(model)``) passes its arrays
-        as traced inputs, so new weights do not recompile.
+        as traced inputs, so new weights do not recompile. A ``ClassifierLogitsFn`` of a
+        ``CausalClassifier`` takes the fast path (same results; see the module docstring).
       tokens: int [B, L] token ids (L is the padded length).
       attention_mask: bool or 0/1 [B, L]; False/0 = padding (effect 0, never scored).
       labels: int [B], the action-type label c of each row (>= 0 wherever the row has a scored
@@ -181,8 +291,8 @@ def counterfactual_effects(
       mask_token_id: the id written into the ablated positions (the tokenizer's unk/mask id).
       skip_mask: None, bool [vocab] indexed by token id (see ``skip_token_mask``), or bool [B, L];
         skip positions get effect 0 and are not scored (they still can be inside a window).
-      chunk_size: ablated sequences per forward (bounds memory). None: about 8192 tokens per
-        forward, i.e. max(8, 8192 // L') sequences at bucket length L'.
+      chunk_size: ablated sequences per forward (bounds memory). None: about 2048 tokens per
+        forward, i.e. max(8, 2048 // L') sequences at bucket length L'.
       pad_invariant: the caller promises a row's logits do not depend on its padded positions
         (masked attention and pooling); rows are then scored at a bucketed length L' <= L.
 
@@ -218,6 +328,13 @@ def counterfactual_effects(
     labels = np.where(scored.any(axis=1), labels, 0).astype(np.int32)
     if rows_to_score.size == 0:
         return jnp.asarray(effects)
+    # Identical rows (same tokens, mask, scored positions and label: e.g. an action text sampled
+    # many times) are scored once and copied. Padding is part of a row unless pad_invariant.
+    key = np.concatenate([np.where(valid, tokens, -1) if pad_invariant else tokens, valid, scored,
+                          labels[:, None]], axis=1)
+    _, first, inverse = np.unique(key, axis=0, return_index=True, return_inverse=True)
+    representative = first[inverse.reshape(-1)]
+    rows_to_score = rows_to_score[representative[rows_to_score] == rows_to_score]
 
     if pad_invariant:
         # Last valid position + 1: everything past it is padding the classifier ignores.
@@ -227,57 +344,69 @@ def counterfactual_effects(
     row_bucket = np.array([bucket_length(e, length) for e in extent])
     mask_i32 = valid.astype(np.int32)
     fn_arrays, fn_static = _split_callable(logits_fn)
+    fast = _uses_fast_path(logits_fn)
     window_arr = np.int32(window)
     mask_token_arr = np.int32(mask_token_id)
 
-    pending = []  # (rows, starts, device probabilities, number kept) per dispatched chunk
+    def dispatch(bucket, chunk, rows, starts):
+        """One jitted forward over the items (rows, starts), padded to ``chunk`` items."""
+        pad = chunk - rows.size
+        if fast:
+            unique, local = np.unique(rows, return_inverse=True)
+            row_ids = np.concatenate([unique, np.full(_fast_rows(chunk, bucket) - unique.size, unique[0])])
+            return _score_chunk_fast(
+                fn_arrays, tokens[row_ids, :bucket], mask_i32[row_ids, :bucket],
+                np.concatenate([local.astype(np.int32), np.zeros(pad, np.int32)]),
+                np.concatenate([labels[rows], np.zeros(pad, np.int32)]),
+                np.concatenate([starts, np.full(pad, -1, np.int32)]), window_arr, mask_token_arr,
+                fn_static=fn_static)
+        # Tail padding repeats the last item as a baseline; its results are discarded.
+        rows = np.concatenate([rows, np.full(pad, rows[-1])])
+        return _score_chunk(fn_arrays, tokens[rows, :bucket], mask_i32[rows, :bucket], labels[rows],
+                            np.concatenate([starts, np.full(pad, -1, np.int32)]), window_arr, mask_token_arr,
+                            fn_static=fn_static)
+
+    pending = []  # (rows, starts, device probabilities) per dispatched chunk
     carry_rows = np.zeros(0, np.int64)
     carry_starts = np.zeros(0, np.int32)
     buckets = np.unique(row_bucket[rows_to_score])
     for bucket_index, bucket in enumerate(buckets):
         bucket_rows = rows_to_score[row_bucket[rows_to_score] == bucket]
         item_rows, item_starts = np.nonzero(scored[bucket_rows])
-        # Items carried over from shorter buckets, then this bucket's baselines (start -1),
-        # then every scored position of its rows.
-        rows = np.concatenate([carry_rows, bucket_rows, bucket_rows[item_rows]])
-        starts = np.concatenate([carry_starts, np.full(bucket_rows.size, -1, np.int32),
-                                 item_starts.astype(np.int32)])
+        # Items carried over from shorter buckets, then each row's baseline (start -1) followed
+        # by its scored positions: items come in runs by row.
+        rows = np.concatenate([bucket_rows, bucket_rows[item_rows]])
+        starts = np.concatenate([np.full(bucket_rows.size, -1, np.int32), item_starts.astype(np.int32)])
+        order = np.lexsort((starts, rows))
+        rows = np.concatenate([carry_rows, rows[order]])
+        starts = np.concatenate([carry_starts, starts[order]])
         chunk = _chunk_for(bucket, chunk_size)
-        num_items = rows.size
-        if bucket_index + 1 < len(buckets):
+        bounds = (_row_limited_chunks(rows, chunk, _fast_rows(chunk, bucket)) if fast
+                  else _fixed_chunks(rows.size, chunk))
+        if bucket_index + 1 < len(buckets) and bounds[-1][1] - bounds[-1][0] < chunk:
             # A partial last chunk is not padded: its items move on to the next (longer) bucket,
             # where they are exact as well (pad invariance), so only the longest bucket pads.
-            num_full = num_items // chunk * chunk
-            carry_rows, carry_starts = rows[num_full:], starts[num_full:]
-            rows, starts, num_items = rows[:num_full], starts[:num_full], num_full
-            padded = num_full
+            begin = bounds.pop()[0]
+            carry_rows, carry_starts = rows[begin:], starts[begin:]
         else:
-            padded = -(-num_items // chunk) * chunk
-            # Tail padding repeats the last item; its results are discarded.
-            rows = np.concatenate([rows, np.full(padded - num_items, rows[-1])])
-            starts = np.concatenate([starts, np.full(padded - num_items, -1, np.int32)])
-        for begin in range(0, padded, chunk):
-            chunk_rows = rows[begin:begin + chunk]
-            probs = _score_chunk(fn_arrays, tokens[chunk_rows, :bucket],
-                                 mask_i32[chunk_rows, :bucket], labels[chunk_rows],
-                                 starts[begin:begin + chunk], window_arr, mask_token_arr,
-                                 fn_static=fn_static)
-            keep = min(chunk, num_items - begin)
-            pending.append((chunk_rows[:keep], starts[begin:begin + keep], probs, keep))
+            carry_rows, carry_starts = rows[:0], starts[:0]
+        for begin, end in bounds:
+            pending.append((rows[begin:end], starts[begin:end],
+                            dispatch(int(bucket), chunk, rows[begin:end], starts[begin:end])))
 
     baseline = np.zeros(batch, np.float32)
-    results = [(r, s, np.asarray(p)[:keep]) for r, s, p, keep in pending]
+    results = [(r, s, np.asarray(p)[:r.size]) for r, s, p in pending]
     for r, s, p in results:
         base = s < 0
         baseline[r[base]] = p[base]
     for r, s, p in results:
         ablation = s >= 0
         effects[r[ablation], s[ablation]] = np.abs(baseline[r[ablation]] - p[ablation])
-    return jnp.asarray(effects)
+    return jnp.asarray(effects[representative])
 
 
 def causal_weights(effects: Any, valid_mask: Any) -> jax.Array:
-    """Per-row min-max normalised, square-rooted weights (DESIGN.md step 4). float32 [B, L].
+    """Per-row min-max normalised, square-rooted weights (docs/design.md, step 4). float32 [B, L].
 
     Effects at invalid positions are first selected away (``jnp.where``; NaN/inf there carries no
     weight) and set to 0 (as the kernel returns them); then, like the

@@ -1,4 +1,4 @@
-"""Which token ids are "skip" tokens: their counterfactual effect is defined as 0 (DESIGN.md step 3).
+"""Which token ids are "skip" tokens: their counterfactual effect is defined as 0 (docs/design.md, step 3).
 
 Skip tokens are the tokenizer's special tokens plus punctuation from the reference's list
 ``[] () { } {} : "" ' , ! ? ; _ .``. Byte-level BPE vocabularies hold many spellings of the same
