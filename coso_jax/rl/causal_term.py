@@ -113,8 +113,8 @@ class CausalTerm:
             return
         self.graphdef, params = nnx.split(classifier, nnx.Param)
         # Committed to the first device, as restored arrays are, so a resumed run hits the jit cache.
-        self.params = jax.device_put(params, jax.devices()[0])
-        self.opt_state = jax.device_put(optax.adam(config.lr).init(params), jax.devices()[0])
+        self.params = jax.device_put(params, jax.local_devices()[0])
+        self.opt_state = jax.device_put(optax.adam(config.lr).init(params), jax.local_devices()[0])
         self.replay = ActionReplay(config.replay_capacity, max_len, seed=seed)
         tokens, mask, labels = demonstrations
         self.replay.add(tokens, mask, labels, labels >= 0)
@@ -205,7 +205,10 @@ class CausalTerm:
     def checkpoint_items(self) -> dict[str, Any]:
         if not self.uses_classifier:
             return {}
-        return {"classifier": self.params, "classifier_opt": self.opt_state, "action_replay": self.replay.arrays()}
+        # Host copies: the classifier is the same on every process, so a multi-process checkpoint stores
+        # it once (a host array is written by process 0) instead of as a process-local device array.
+        host = jax.tree.map(np.asarray, jax.device_get((self.params, self.opt_state)))
+        return {"classifier": host[0], "classifier_opt": host[1], "action_replay": self.replay.arrays()}
 
     def checkpoint_metadata(self) -> dict[str, Any]:
         return {"action_replay": self.replay.meta()} if self.uses_classifier else {}
@@ -213,8 +216,8 @@ class CausalTerm:
     def restore(self, items: dict[str, Any], metadata: dict[str, Any]) -> None:
         if not self.uses_classifier:
             return
-        self.params = items["classifier"]
-        self.opt_state = items["classifier_opt"]
+        self.params = jax.device_put(items["classifier"], jax.local_devices()[0])
+        self.opt_state = jax.device_put(items["classifier_opt"], jax.local_devices()[0])
         self.replay.load(items["action_replay"], metadata["action_replay"])
 
     def sync_classifier(self) -> clf.CausalClassifier:

@@ -178,14 +178,19 @@ class EpisodeStats:
     # Per episode, from its final info where the env reports them (ALFWorld), else None.
     task_types: list[str | None] = dataclasses.field(default_factory=list)
     final_progress: list[float | None] = dataclasses.field(default_factory=list)
+    # Where each episode finished: the collection step and the env (local index), for merging processes.
+    steps: list[int] = dataclasses.field(default_factory=list)
+    envs: list[int] = dataclasses.field(default_factory=list)
 
-    def add(self, episode_return: float, length: int, final_info: dict) -> None:
+    def add(self, episode_return: float, length: int, final_info: dict, step: int = 0, env: int = 0) -> None:
         self.returns.append(float(episode_return))
         self.lengths.append(int(length))
         self.successes.append(episode_success(float(episode_return), final_info))
         self.task_types.append(final_info.get("task_type"))
         progress = final_info.get("progress")
         self.final_progress.append(None if progress is None else float(progress))
+        self.steps.append(int(step))
+        self.envs.append(int(env))
 
     def summary(self) -> dict[str, Any]:
         """Episodes, success rate, mean return, length and progress (nan without episodes / progress),
@@ -236,6 +241,10 @@ class VectorRollout:
     `policy_fn(inputs, step) -> StepOutput` samples for one batch of encoded inputs; `step` counts the
     calls of one `collect` / `play_episodes` (0, 1, ...), so the caller derives the sampling key of each
     call from it (`jax.random.fold_in(key, step)`) and no key is carried in between.
+
+    `env_offset`: the global index of the first env (a process of a multi-process run owns envs
+    env_offset .. env_offset + num_envs - 1). Env i resets with seed `seed * 100_003 + i` and parses
+    invalid answers with its own RNG, so an env behaves the same whichever process steps it.
     """
 
     def __init__(
@@ -249,6 +258,7 @@ class VectorRollout:
         cot: bool = True,
         brief: bool = False,
         env_kwargs: dict[str, Any] | None = None,
+        env_offset: int = 0,
     ) -> None:
         self.env_name = env_name
         self.env_id = f"coso_jax/{env_name}-v0"
@@ -259,11 +269,11 @@ class VectorRollout:
         self.cot = cot
         self.brief = brief
         self.envs = [gym.make(self.env_id, **(env_kwargs or {})) for _ in range(num_envs)]
-        self.parse_rng = np.random.default_rng(seed + 7919)
+        self.parse_rngs = [np.random.default_rng([seed + 7919, env_offset + i]) for i in range(num_envs)]
         self.obs: list[np.ndarray] = []
         self.infos: list[dict] = []
         for i, env in enumerate(self.envs):
-            obs, info = env.reset(seed=seed * 100_003 + i)
+            obs, info = env.reset(seed=seed * 100_003 + env_offset + i)
             self.obs.append(obs)
             self.infos.append(info)
         self.episode_return = np.zeros(num_envs, np.float64)
@@ -289,8 +299,8 @@ class VectorRollout:
             texts.append(text)
         return texts, thought, action
 
-    def parse(self, text: str, info: dict):
-        return self.iface.parse(text, self.parse_rng, info)
+    def parse(self, text: str, info: dict, env: int = 0):
+        return self.iface.parse(text, self.parse_rngs[env], info)
 
     # --- stepping ------------------------------------------------------------------------------
     def collect(self, buffer: RolloutBuffer, policy_fn: PolicyFn) -> EpisodeStats:
@@ -308,7 +318,7 @@ class VectorRollout:
             valid = np.zeros(self.num_envs, np.bool_)
             labels = np.full(self.num_envs, -1, np.int32)
             for e, env in enumerate(self.envs):
-                parsed = self.parse(texts[e], self.infos[e])
+                parsed = self.parse(texts[e], self.infos[e], e)
                 valid[e] = parsed.valid
                 if parsed.label is not None:
                     labels[e] = parsed.label
@@ -319,7 +329,7 @@ class VectorRollout:
                 if terminated or truncated:
                     # RL4VLM treats time-limit truncation as terminal (use_proper_time_limits=False).
                     dones[e] = True
-                    stats.add(float(self.episode_return[e]), int(self.episode_length[e]), info)
+                    stats.add(float(self.episode_return[e]), int(self.episode_length[e]), info, step - 1, e)
                     self.episode_return[e] = 0.0
                     self.episode_length[e] = 0
                     obs, info = env.reset()
@@ -394,7 +404,7 @@ class VectorRollout:
             "infos": self.infos,
             "episode_return": self.episode_return,
             "episode_length": self.episode_length,
-            "parse_rng": self.parse_rng.bit_generator.state,
+            "parse_rngs": [rng.bit_generator.state for rng in self.parse_rngs],
             "total_env_steps": self.total_env_steps,
         })
 
@@ -415,7 +425,8 @@ class VectorRollout:
         self.infos = state["infos"]
         self.episode_return = state["episode_return"]
         self.episode_length = state["episode_length"]
-        self.parse_rng.bit_generator.state = state["parse_rng"]
+        for rng, rng_state in zip(self.parse_rngs, state["parse_rngs"]):
+            rng.bit_generator.state = rng_state
         self.total_env_steps = state["total_env_steps"]
 
     def close(self) -> None:

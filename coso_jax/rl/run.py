@@ -157,13 +157,18 @@ class Run:
         self.config_fields = config_fields
         self.resume = resume
         self.timer = metrics_lib.PhaseTimer()
-        self.writer: metrics_lib.MetricsWriter | None = None
-        self._created = _make_workdir(self.workdir)
+        self.writer: metrics_lib.MetricsWriter | _NoWriter | None = None
+        # In a multi-process run every process checkpoints (collectively); process 0 alone holds the lock
+        # and writes metrics, config.json, plots and heatmaps.
+        self.primary = jax.process_index() == 0
+        self._created = _make_workdir(self.workdir) if self.primary else None
         self.lock: WorkdirLock | None = None
         self.checkpointer: Checkpointer | None = None
         self.resume_metadata: dict[str, Any] | None = None
         try:
-            self.lock = WorkdirLock(self.workdir)
+            if self.primary:
+                self.lock = WorkdirLock(self.workdir)
+            _sync("coso_jax: work directory ready")  # the others open it once process 0 holds it
             ckpt_dir = self.workdir / "checkpoints"
             had_checkpoints = ckpt_dir.is_dir() and any(ckpt_dir.iterdir())
             if not resume and had_checkpoints:
@@ -285,17 +290,22 @@ class Run:
     def _set_aside(self, steps: list[int]) -> None:
         """Moves checkpoints newer than the resumed step out of the way (the run branches there)."""
         self.checkpointer.close()
-        target = self.workdir / "checkpoints_discarded" / time.strftime("%Y%m%d-%H%M%S")
-        target.mkdir(parents=True, exist_ok=True)
-        for s in steps:
-            shutil.move(str(self.checkpointer.step_path(s)), str(target / str(s)))
-        log.warning("resuming from step %d: moved the newer checkpoints %s to %s", self.resume_step, steps, target)
+        if self.primary:
+            target = self.workdir / "checkpoints_discarded" / time.strftime("%Y%m%d-%H%M%S")
+            target.mkdir(parents=True, exist_ok=True)
+            for s in steps:
+                shutil.move(str(self.checkpointer.step_path(s)), str(target / str(s)))
+            log.warning("resuming from step %d: moved the newer checkpoints %s to %s", self.resume_step, steps, target)
+        _sync("coso_jax: newer checkpoints set aside")
         self.checkpointer = Checkpointer(self.workdir / "checkpoints", save_interval_steps=1,
                                          max_to_keep=self.run_config.keep_checkpoints,
                                          fingerprint=self.checkpointer.fingerprint)
 
     def open_writer(self, iteration: int, config_json: dict[str, Any]) -> None:
-        """Opens metrics.jsonl (cut back to `iteration` when resuming) and writes config.json."""
+        """Opens metrics.jsonl (cut back to `iteration` when resuming) and writes config.json (process 0)."""
+        if not self.primary:
+            self.writer = _NoWriter()
+            return
         self.writer = metrics_lib.MetricsWriter(self.workdir, resume_step=iteration if self.resume else None)
         (self.workdir / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
 
@@ -353,13 +363,15 @@ class Run:
     def write_heatmap(self, rows: HeatmapRows, iteration: int, title: str) -> None:
         from coso_jax.causal.render import render_token_heatmap
 
-        if rows.tokens:
+        if rows.tokens and self.primary:
             render_token_heatmap(rows.tokens, rows.weights, self.workdir / f"heatmap_{iteration:05d}.png",
                                  title=f"{title}, iteration {iteration}")
 
     def write_plot(self, title: str) -> None:
         from coso_jax import plots
 
+        if not self.primary:
+            return
         plots.plot_curves(self.workdir / metrics_lib.JSONL_NAME, self.workdir / "success_rate.png",
                           x="env_steps", y="success_rate", title=title)
 
@@ -385,6 +397,27 @@ class Run:
             if self.lock is not None:
                 self.lock.release()
                 self.lock = None
+
+
+class _NoWriter:
+    """The metrics writer of processes other than 0: records are written by process 0 only."""
+
+    def write(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def flush(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def _sync(name: str) -> None:
+    """A barrier across processes (nothing on one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def exit_on_user_error(fn, *, debug: bool = False) -> Any:

@@ -105,7 +105,17 @@ def check_batch_divisible(mesh: jax.sharding.Mesh, batch_size: int, what: str) -
 
 
 def put(tree: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
+    """Places a pytree by its shardings. A sharding that spans other processes' devices takes this
+    process's copy of the value (the same on every process: replicated state, such as parameters)."""
+    def one(x, s):
+        if s.is_fully_addressable:
+            return jax.device_put(x, s)
+        host = np.asarray(jax.device_get(x)) if isinstance(x, jax.Array) and x.is_fully_addressable else x
+        if isinstance(host, jax.Array):  # already global
+            return jax.device_put(host, s)
+        return jax.make_array_from_callback(np.shape(host), s, lambda index: np.asarray(host)[index])
+
+    return jax.tree.map(one, tree, shardings)
 
 
 def tree_all_finite(tree: Any) -> jax.Array:

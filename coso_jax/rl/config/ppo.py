@@ -74,6 +74,9 @@ class PPOConfig(_Composed):
     # CoSo's soft policy evaluation (paper Sec. 4.2): GAE on r_t + alpha * H_B(y_t), so the value head
     # learns the soft value. Off: the reference code's shortcut (the bonus in the actor loss only).
     soft_backup: bool = False
+    # Env groups of a multi-process run (one or more per process; the rollout batch is laid out group by
+    # group). A single process set to P reproduces a P-process run exactly.
+    env_partitions: int = 1
 
     _START_FIELDS: ClassVar[tuple[str, ...]] = (
         "env", "model_preset", "hf_dir", "image_size", "patch_size", "vocab_size", "cot", "brief_prompt",
@@ -88,8 +91,8 @@ class PPOConfig(_Composed):
     )
     _LATER_FIELDS: ClassVar[tuple[str, ...]] = (
         "prompt_margin", "alfworld_task_type", "alfworld_pool_size", "max_skipped_updates",
-        "points_allow_fractional_powers", "blackjack_reference_render", "soft_backup", "lora_rank", "lora_alpha",
-        "lora_dropout", "train_vision", "param_dtype", "compute_dtype", "remat",
+        "points_allow_fractional_powers", "blackjack_reference_render", "soft_backup", "env_partitions",
+        "lora_rank", "lora_alpha", "lora_dropout", "train_vision", "param_dtype", "compute_dtype", "remat",
         "random_weights", "text_layers", "vision_layers")
     # Bookkeeping, and where the start is cached (its content is checked by the start's own fingerprint),
     # so a moved or renamed grid still resumes.
@@ -165,6 +168,10 @@ def validate_ppo(config: PPOConfig) -> None:
     if config.steps_per_update % config.num_envs:
         raise ConfigError(f"steps_per_update ({config.steps_per_update}) must be a multiple of "
                           f"num_envs ({config.num_envs})")
+    _positive(config, "env_partitions")
+    if config.num_envs % config.env_partitions:
+        raise ConfigError(f"num_envs ({config.num_envs}) must be a multiple of env_partitions "
+                          f"({config.env_partitions})")
     if config.steps_per_update % config.minibatch_size:
         raise ConfigError(f"steps_per_update ({config.steps_per_update}) must be a multiple of "
                           f"minibatch_size ({config.minibatch_size})")

@@ -59,7 +59,7 @@ EVAL_SEED = 10_000_019
 
 def _committed(tree: Any) -> Any:
     """On the first device, committed (as restored arrays are), so a resumed run hits the jit cache."""
-    return jax.device_put(tree, jax.devices()[0])
+    return jax.device_put(tree, jax.local_devices()[0])
 
 
 class DigiRLTrainer:
@@ -79,6 +79,9 @@ class DigiRLTrainer:
 
         self.config = config
         policy_lib.check_hf_dir(config.model.hf_dir)
+        if jax.process_count() > 1:
+            raise RunError("the DigiRL backbone runs on one process (its browsers and replay are local); launch it "
+                           "without JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES")
         reason = browser_unavailable_reason()
         if reason:
             raise RunError(f"the DigiRL web backbone needs the browser env: {reason}")
