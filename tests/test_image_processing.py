@@ -1,5 +1,6 @@
 """numpy/PIL preprocessing for LLaVA-1.5 and LLaVA-NeXT against transformers' PIL image processors and
-its anyres helpers (all torch-free)."""
+its anyres helpers (torch-free, except the unpadding check against transformers' modeling code, which
+skips without torch)."""
 import functools
 import types
 
@@ -98,7 +99,9 @@ def test_known_float_tie_divergence_is_documented():
     assert _hf_float_artifact(567, 1133, LLAVA16_PINS)
 
 
+@pytest.mark.torch
 def test_unpadding_matches_hf_unpad_image():
+    pytest.importorskip("torch")  # transformers' modeling_llava_next imports torch
     from transformers.models.llava_next.modeling_llava_next import unpad_image
 
     rng = np.random.default_rng(1)
