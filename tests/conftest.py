@@ -12,3 +12,23 @@ if "xla_force_host_platform_device_count" not in _flags:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+import pytest  # noqa: E402  (after the environment above)
+
+
+@pytest.fixture(scope="module")
+def numberline_records():
+    """Six NumberLine oracle episodes (records with prompt / answer / action)."""
+    from coso_jax.envs.gym_cards import demos as gym_cards_demos
+
+    return list(gym_cards_demos.generate("NumberLine", 6, 0, 0.0))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(numberline_records):
+    """A small byte-level BPE built from those episodes' prompts and answers."""
+    from coso_jax.tokenizer import build_bpe
+
+    corpus = [r["prompt"] for r in numberline_records] + [r["answer"] for r in numberline_records]
+    return build_bpe(corpus, 400)

@@ -23,18 +23,6 @@ from coso_jax.metrics import (
     to_scalar,
 )
 
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _assert_png(path: Path) -> None:
-    data = path.read_bytes()
-    assert data[:8] == _PNG_MAGIC
-    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    assert width > 100 and height > 100
-    from matplotlib.image import imread
-
-    assert imread(path).shape[:2] == (height, width)
-
 
 def test_to_scalar_conversions():
     assert to_scalar(jnp.float32(1.5)) == 1.5 and isinstance(to_scalar(jnp.float32(1.5)), float)

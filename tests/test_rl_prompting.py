@@ -4,22 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coso_jax.envs.gym_cards import demos as gym_cards_demos
 from coso_jax.rl.prompting import PromptEncoder
-from coso_jax.tokenizer import IMAGE_TOKEN, build_bpe
-
-
-# ---------------------------------------------------------------------------------------------
-# Shared small objects
-@pytest.fixture(scope="module")
-def numberline_records():
-    return list(gym_cards_demos.generate("NumberLine", 6, 0, 0.0))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(numberline_records):
-    corpus = [r["prompt"] for r in numberline_records] + [r["answer"] for r in numberline_records]
-    return build_bpe(corpus, 400)
+from coso_jax.tokenizer import IMAGE_TOKEN
 
 
 # ---------------------------------------------------------------------------------------------

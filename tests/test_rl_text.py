@@ -5,22 +5,7 @@ import numpy as np
 import pytest
 
 from coso_jax.envs import text_interface
-from coso_jax.envs.gym_cards import demos as gym_cards_demos
 from coso_jax.rl.text import thought_action_masks, token_char_offsets
-from coso_jax.tokenizer import build_bpe
-
-
-# ---------------------------------------------------------------------------------------------
-# Shared small objects
-@pytest.fixture(scope="module")
-def numberline_records():
-    return list(gym_cards_demos.generate("NumberLine", 6, 0, 0.0))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(numberline_records):
-    corpus = [r["prompt"] for r in numberline_records] + [r["answer"] for r in numberline_records]
-    return build_bpe(corpus, 400)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ backbones. The layout, one line a module (docs/design.md has the why):
   episodes.py     the episode runner and the PPO rollout (VectorRollout)
   buffers.py      RolloutBuffer, ActionReplay
   sharding.py     meshes and shardings, multi-host initialisation
+  distributed.py  rows across processes (partition-major layout, global/local rows, allgather)
   ppo/            RL4VLM's PPO: start, jitted update, PPOTrainer
   digirl/         DigiRL: losses, critics, replay, web episodes, policy families, start, steps, trainer
 
