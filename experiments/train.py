@@ -61,6 +61,8 @@ flags.DEFINE_string("sft_dir", None, "Where the shared warm start is cached.")
 flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --workdir.")
 flags.DEFINE_integer("resume_step", None, "With --resume: continue from this (older) checkpoint step instead; "
                      "newer checkpoints are moved to checkpoints_discarded/.")
+flags.DEFINE_integer("seed_batch", 1, "PPO: train seeds seed .. seed+N-1 as one program (stacked parameters; "
+                     "one work directory per seed under --workdir: seed_<k>/). Pays on an accelerator.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.DEFINE_multi_string("set", [], "Any other config field, as name=value (repeatable).")
 flags.DEFINE_bool("debug", False, "Show tracebacks of errors (also COSO_DEBUG=1).")
@@ -68,6 +70,7 @@ flags.DEFINE_bool("debug", False, "Show tracebacks of errors (also COSO_DEBUG=1)
 flags.register_validator("alpha", lambda v: v is None or v >= 0, message="--alpha must be >= 0")
 flags.register_validator("seed", lambda v: v >= 0, message="--seed must be >= 0")
 flags.register_validator("resume_step", lambda v: v is None or v >= 0, message="--resume_step must be >= 0")
+flags.register_validator("seed_batch", lambda v: v >= 1, message="--seed_batch must be >= 1")
 
 
 def _mesh_ok(spec: str) -> bool:
@@ -98,11 +101,15 @@ def _combo_ok(values) -> bool:
             raise flags.ValidationError("--backbone=digirl runs on one device; leave --mesh at data:1")
     if values["resume_step"] is not None and not values["resume"]:
         raise flags.ValidationError("--resume_step needs --resume")
+    if values["seed_batch"] > 1 and (backbone != "ppo" or values["resume_step"] is not None):
+        raise flags.ValidationError("--seed_batch runs the PPO backbone, and resumes from each seed's latest "
+                                    "checkpoint (no --resume_step)")
     return True
 
 
 flags.register_multi_flags_validator(
-    ["env", "backbone", "total_env_steps", "steps_per_update", "mesh", "resume", "resume_step"], _combo_ok)
+    ["env", "backbone", "total_env_steps", "steps_per_update", "mesh", "resume", "resume_step", "seed_batch"],
+    _combo_ok)
 
 
 def config_from_flags() -> PPOConfig | DigiRLConfig:
@@ -136,6 +143,9 @@ def run() -> None:
     from coso_jax.rl.sharding import maybe_initialize_distributed
 
     config = config_from_flags()
+    if FLAGS.seed_batch > 1:
+        run_seed_batch(config)
+        return
     if config.backbone == "ppo":
         maybe_initialize_distributed()
     trainer = make_trainer(config, FLAGS.workdir, resume=FLAGS.resume, resume_step=FLAGS.resume_step)
@@ -159,6 +169,23 @@ def run() -> None:
     print(f"evaluation: success {result['success_rate']:.3f} over {result['episodes']} episodes "
           f"({FLAGS.workdir}/eval.json)")
     print(f"metrics: {FLAGS.workdir}/metrics.jsonl; plots: {FLAGS.workdir}/success_rate.png")
+
+
+def run_seed_batch(config) -> None:
+    from coso_jax.rl.ppo.seed_batch import SeedBatch
+
+    configs = [config.replace(seed=config.run.seed + k) for k in range(FLAGS.seed_batch)]
+    batch = SeedBatch(configs, FLAGS.workdir, resume=FLAGS.resume)
+    try:
+        histories = batch.train()
+        results = [trainer.evaluate() for trainer in batch.trainers]
+    finally:
+        batch.close()
+    for trainer, history, result in zip(batch.trainers, histories, results):
+        (trainer.workdir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        final = f"{history[-1]['success_rate']:.3f}" if history else "n/a"
+        print(f"seed {trainer.config.run.seed}: final windowed success {final}; evaluation {result['success_rate']:.3f} "
+              f"over {result['episodes']} episodes ({trainer.workdir})")
 
 
 def main(argv):

@@ -32,3 +32,9 @@ def tokenizer(numberline_records):
 
     corpus = [r["prompt"] for r in numberline_records] + [r["answer"] for r in numberline_records]
     return build_bpe(corpus, 400)
+
+
+@pytest.fixture(scope="session")
+def rl_sft_dir(tmp_path_factory):
+    """Where the tiny PPO tests cache their one SFT start (built by the first test that needs it)."""
+    return tmp_path_factory.mktemp("rl_sft") / "sft"

@@ -37,11 +37,6 @@ TINY = dict(
 )
 
 
-@pytest.fixture(scope="session")
-def rl_sft_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("rl_sft") / "sft"
-
-
 def tiny_config(sft_dir, **overrides):
     return ppo_preset("tiny_cpu", **{**TINY, "sft_dir": str(sft_dir), **overrides})
 
@@ -67,9 +62,7 @@ class CompileCounter:
 def instrument_gae(trainer: PPOTrainer, log: list) -> None:
     """Records, per iteration, the rollout arrays, the bootstrap value and the advantages/returns fed
     to the update (the trainer's own values, captured around its real code)."""
-    from coso_jax.rl.ppo import trainer as trainer_module
-
-    run_iteration, value_fn = trainer.run_iteration, trainer_module.value_step
+    run_iteration, value_fn = trainer.run_iteration, trainer.steps.value
     bootstraps = []
 
     def value(*args):
@@ -77,12 +70,10 @@ def instrument_gae(trainer: PPOTrainer, log: list) -> None:
         bootstraps.append(np.asarray(out))
         return out
 
+    trainer.steps.value = value
+
     def instrumented(key):
-        trainer_module.value_step = value
-        try:
-            out = run_iteration(key)
-        finally:
-            trainer_module.value_step = value_fn
+        out = run_iteration(key)
         flat, arrays = trainer.last_batch, trainer.buffer.arrays
         log.append({
             "rewards": arrays["rewards"].copy(), "values": arrays["old_values"].copy(),
@@ -370,23 +361,21 @@ def _two_iterations(cfg, workdir, weights_one=False):
     """Params after 2 iterations, and per iteration the rollout arrays, weights and returns."""
     tr = PPOTrainer(cfg, workdir)
     seen = []
-    real_step = tr.causal.step
+    real_weights = tr.causal.weights
 
-    def step(key, ids, mask, labels, valid):
-        weights, record = real_step(key, ids, mask, labels, valid)
+    def weights_of(ids, mask, labels, valid):
+        weights = real_weights(ids, mask, labels, valid)
         if weights_one:  # coso with every causal weight 1
             weights = np.asarray(mask, np.float32)
         seen.append(weights)
-        return weights, record
+        return weights
 
-    tr.causal.step = step
-    from coso_jax.rl.ppo import trainer as trainer_module
-
+    tr.causal.weights = weights_of
     bootstraps = []
-    value_fn = trainer_module.value_step
+    value_fn = tr.steps.value
+    tr.steps.value = lambda *a: bootstraps.append(np.asarray(value_fn(*a))) or bootstraps[-1]
     log = []
     try:
-        trainer_module.value_step = lambda *a: bootstraps.append(np.asarray(value_fn(*a))) or bootstraps[-1]
         for _ in range(2):
             tr.run_iteration(jax.random.fold_in(tr.run_key, tr.iteration))
             arrays, flat = tr.buffer.arrays, tr.last_batch
@@ -397,7 +386,6 @@ def _two_iterations(cfg, workdir, weights_one=False):
                         "returns": flat["returns"].copy()})
         params = [np.asarray(x) for x in jax.tree.leaves(tr.params)]
     finally:
-        trainer_module.value_step = value_fn
         tr.close()
     return params, log
 

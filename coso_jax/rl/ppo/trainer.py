@@ -65,9 +65,8 @@ class SampleSettings:
     pad_id: int
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def sample_step(graphdef: nnx.GraphDef, settings: SampleSettings, params: Any, frozen: Any,
-                inputs: dict[str, jax.Array], key: jax.Array) -> sampling.SampleOutput:
+def sample(graphdef: nnx.GraphDef, settings: SampleSettings, params: Any, frozen: Any,
+           inputs: dict[str, jax.Array], key: jax.Array) -> sampling.SampleOutput:
     """Responses, log-probs, entropies and values for one batch of encoded prompts (`sampling.sample_fn`)."""
     model = nnx.merge(graphdef, params, frozen)
     return sampling.sample_fn(
@@ -77,17 +76,28 @@ def sample_step(graphdef: nnx.GraphDef, settings: SampleSettings, params: Any, f
         eos_id=settings.eos_id, pad_id=settings.pad_id)
 
 
-normalise_advantages_step = jax.jit(losses.normalise_advantages)
-
-
-@functools.partial(jax.jit, static_argnums=(0,))
-def value_step(graphdef: nnx.GraphDef, params: Any, frozen: Any, inputs: dict[str, jax.Array]) -> jax.Array:
+def value(graphdef: nnx.GraphDef, params: Any, frozen: Any, inputs: dict[str, jax.Array]) -> jax.Array:
     """The value head at the last prompt token `[B]` (GAE's bootstrap)."""
     model = nnx.merge(graphdef, params, frozen)
     _, _, values, _ = sampling.prefill_fn(
         model.policy, model.value_head, inputs["prompt_ids"], inputs["prompt_mask"],
         pixel_values=inputs["pixel_values"], image_sizes=inputs.get("image_sizes"), max_new_tokens=1)
     return values
+
+
+# The jitted phases of the process (static: the GraphDef and the settings).
+sample_step = jax.jit(sample, static_argnums=(0, 1))
+value_step = jax.jit(value, static_argnums=(0,))
+normalise_advantages_step = jax.jit(losses.normalise_advantages)
+
+
+@dataclasses.dataclass
+class DeviceSteps:
+    """The trainer's device programs, as called by `run_iteration` (a seed batch swaps in batched ones)."""
+
+    sample: Any = sample_step
+    value: Any = value_step
+    update: Any = update_step
 
 
 class PPOTrainer:
@@ -156,6 +166,7 @@ class PPOTrainer:
                            remat=model.remat, lora_dropout=bool(model.lora_rank and model.lora_dropout))
         self.sample_settings = SampleSettings(model.max_new_tokens, model.temperature, model.top_p,
                                               int(self.tokenizer.eos_token_id), int(self.tokenizer.pad_token_id))
+        self.steps = DeviceSteps()
         self.run_key = jax.random.key(config.run.seed)
         self.iteration = 0
         self.rollout = self._vector_rollout(config.run.seed, config.num_envs)
@@ -176,8 +187,8 @@ class PPOTrainer:
         """The rollout's policy: call `t` of a collection samples with `fold_in(key, t)`. With several
         processes every call is collective: all processes' envs are one global batch."""
         def sample(inputs: dict[str, np.ndarray], t: int) -> StepOutput:
-            out = self._local_rows(sample_step(self.graphdef, self.sample_settings, self.params, self.frozen,
-                                               self._global_rows(inputs), jax.random.fold_in(key, t)))
+            out = self._local_rows(self.steps.sample(self.graphdef, self.sample_settings, self.params, self.frozen,
+                                                     self._global_rows(inputs), jax.random.fold_in(key, t)))
             return StepOutput(out.tokens, out.logprobs, out.mask, out.values, out.entropies)
         return sample
 
@@ -190,7 +201,7 @@ class PPOTrainer:
         config, timer = self.config, self.run.timer
         with timer.phase("rollout"):
             stats = self.rollout.collect(self.buffer, self.policy_fn(phase_key(key, "rollout")))
-            bootstrap = self._local_rows(value_step(self.graphdef, self.params, self.frozen,
+            bootstrap = self._local_rows(self.steps.value(self.graphdef, self.params, self.frozen,
                                                     self._global_rows(self.rollout.current_inputs())))
         episodes = self._all_episodes(stats)
         for episode_return, length, success in episodes:
@@ -234,7 +245,7 @@ class PPOTrainer:
         batch = {k: local[k] for k in BATCH_FIELDS + OPTIONAL_BATCH_FIELDS if k in local}
         with timer.phase("update") as phase:
             batch = self._global_rows(batch)
-            self.params, self.opt_state, metrics = phase.block(update_step(
+            self.params, self.opt_state, metrics = phase.block(self.steps.update(
                 self.graphdef, self.hp, self.opt, self.mesh, self.params, self.opt_state, batch,
                 phase_key(key, "update"), jnp.float32(self.causal.alpha), self.frozen))
             metrics = jax.device_get(metrics)
