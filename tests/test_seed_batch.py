@@ -6,12 +6,12 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from test_ppo_trainer import tiny_config
 
 from coso_jax import metrics as metrics_lib
 from coso_jax.rl.config import ConfigError
 from coso_jax.rl.ppo.seed_batch import SeedBatch
 from coso_jax.rl.ppo.trainer import PPOTrainer
-from test_ppo_trainer import tiny_config
 
 
 def _params(trainer):

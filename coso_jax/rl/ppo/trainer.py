@@ -16,7 +16,6 @@ The run scaffold (`coso_jax.rl.run.Run`) writes metrics, checkpoints, plots and 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 from pathlib import Path
 from typing import Any
