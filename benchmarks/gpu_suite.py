@@ -193,23 +193,6 @@ def timed_update(trainer: trainer_lib.PPOTrainer, memory: PhaseMemory, sink: lis
         setattr(owner, name, original)
 
 
-def share_programs(trainer: trainer_lib.PPOTrainer, graphdef: Any) -> bool:
-    """Lets a later run reuse the first run's compiled sampler / update (jit caches key on the GraphDef).
-
-    `lora.apply_lora` builds new qwix classes on every call, so two runs with identical adapters get unequal
-    GraphDefs and would compile the 7B programs twice (minutes on a GPU). When the two GraphDefs print the same
-    (same structure, same class names and attributes) and the states have the same tree structure, the later
-    run merges its own weights into the first run's GraphDef: the same modules under classes built by the
-    same qwix rules. Returns whether it did."""
-    if graphdef is None or graphdef == trainer.graphdef:
-        return False
-    if str(graphdef) != str(trainer.graphdef):
-        return False
-    nnx.merge(graphdef, trainer.params, trainer.frozen)  # raises if the states do not fit
-    trainer.graphdef = graphdef
-    return True
-
-
 def instrument(trainer: trainer_lib.PPOTrainer, memory: PhaseMemory, sampler_calls: list[dict[str, float]],
                causal_parts: dict[str, float]) -> None:
     """Per-instance wrappers: memory around the rollout's sampler calls and the causal phase; the time and
@@ -371,7 +354,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 before_build = memory_snapshot()
                 trainer = trainer_lib.PPOTrainer(config, workdir / algo)
                 build_s = time.perf_counter() - start
-                shared = share_programs(trainer, first_graphdef)
+                # apply_lora reuses one class per LoRA config, so a later algo's programs are the first's.
+                shared = first_graphdef is not None and first_graphdef == trainer.graphdef
                 first_graphdef = first_graphdef or trainer.graphdef
                 instrument(trainer, memory, sampler_calls, causal_parts)
                 policy_cfg = nnx.merge(trainer.graphdef, trainer.params, trainer.frozen).policy.config

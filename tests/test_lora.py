@@ -124,6 +124,32 @@ def test_apply_lora_on_an_actor_critic_and_a_bare_decoder(base):
     assert isinstance(decoder, DecoderModel) and lora.lora_config(decoder).rank == 2
 
 
+def test_two_adapted_copies_share_one_program(base):
+    """Two trainers in one process (a sweep, a benchmark) must not compile their programs twice: qwix makes
+    a new class per call, so apply_lora reuses one class per (base class, LoRA config)."""
+    kw = dict(rank=RANK, alpha=ALPHA, dropout=0.05)
+    first = lora.apply_lora(base, rngs=nnx.Rngs(1), **kw)
+    second = lora.apply_lora(base, rngs=nnx.Rngs(2), **kw)
+    other = lora.apply_lora(base, rngs=nnx.Rngs(1), **{**kw, "rank": RANK + 1})
+    (gd1, st1), gd2 = nnx.split(first), nnx.graphdef(second)
+    assert gd1 == gd2 and nnx.graphdef(other) != gd1
+    # The reused class behaves as its own: dropout switches to the train class of the same config.
+    lora.enable_dropout(second, jax.random.key(0))
+    assert type(second.language_model) is type(lora.enable_dropout(first, jax.random.key(0)).language_model)
+    lora.disable_dropout(first)
+    lora.disable_dropout(second)
+    batch = make_batch()
+    fresh = jax.jit(lambda gd, st, b: sampling.score_batch_fn(nnx.merge(gd, st), None, b, temperature=1.0).logprobs,
+                    static_argnums=0)
+    fresh(gd1, st1, batch)
+    fresh(*nnx.split(second), batch)
+    assert fresh._cache_size() == 1
+    # Different A draws: the copies are distinct models behind one program.
+    a1 = first.language_model.layers[0].self_attn.q_proj.kernel_lora_a[...]
+    a2 = second.language_model.layers[0].self_attn.q_proj.kernel_lora_a[...]
+    assert np.abs(np.asarray(a1) - np.asarray(a2)).max() > 0
+
+
 def test_apply_lora_errors(base, adapted):
     kw = dict(rank=RANK, alpha=ALPHA, dropout=0.0, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="rank"):

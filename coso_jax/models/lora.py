@@ -157,6 +157,10 @@ def lora_config(model: nnx.Module) -> LoraConfig | None:
 # --------------------------------------------------------------------------------------------------
 # Applying, switching, merging
 # --------------------------------------------------------------------------------------------------
+# (base DecoderModel class, LoraConfig) -> (eval class, train class), see apply_lora.
+_LORA_CLASSES: dict[tuple[type, "LoraConfig"], tuple[type, type]] = {}
+
+
 def _initializer(init, dtype):
     """`init` with its dtype argument replaced by `dtype` (qwix passes the base kernel's dtype)."""
     def wrapped(key, shape, _dtype=None):
@@ -223,16 +227,24 @@ def apply_lora(model: nnx.Module, *, rank: int, alpha: float, dropout: float,
               jnp.zeros((1, 1), jnp.int32))
     wrapped = qwix.apply_lora_to_model(decoder, qwix.LoraProvider([qwix.LoraRule(dropout=0.0, **rule)]), *inputs,
                                        rngs=rngs)
-    eval_cls = type(wrapped)
-    if config.dropout > 0:
-        # Only the class is kept: the same variables under a `__call__` whose rule drops.
-        train_cls = type(qwix.apply_lora_to_model(
-            wrapped, qwix.LoraProvider([qwix.LoraRule(dropout=config.dropout, **rule)]), *inputs,
-            rngs=nnx.Rngs(0), skip_nnx_init=True))
+    # qwix makes a fresh class on every call, and a graphdef holds its module classes: without reuse two
+    # trainers in one process (an alpha sweep, a benchmark's A/B) would compile every program twice.
+    key = (type(decoder), config)
+    if key in _LORA_CLASSES:
+        eval_cls, train_cls = _LORA_CLASSES[key]
+        wrapped.__class__ = eval_cls  # same base, same rule: only the class identity changes
     else:
-        train_cls = eval_cls
-    for cls in {eval_cls, train_cls}:
-        cls._coso_lora_eval, cls._coso_lora_train, cls._coso_lora_base = eval_cls, train_cls, type(decoder)
+        eval_cls = type(wrapped)
+        if config.dropout > 0:
+            # Only the class is kept: the same variables under a `__call__` whose rule drops.
+            train_cls = type(qwix.apply_lora_to_model(
+                wrapped, qwix.LoraProvider([qwix.LoraRule(dropout=config.dropout, **rule)]), *inputs,
+                rngs=nnx.Rngs(0), skip_nnx_init=True))
+        else:
+            train_cls = eval_cls
+        for cls in {eval_cls, train_cls}:
+            cls._coso_lora_eval, cls._coso_lora_train, cls._coso_lora_base = eval_cls, train_cls, type(decoder)
+        _LORA_CLASSES[key] = (eval_cls, train_cls)
 
     # Check that every target got exactly one A/B pair of the expected shapes and dtype.
     for i, layer in enumerate(wrapped.layers):
