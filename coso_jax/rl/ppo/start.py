@@ -74,7 +74,9 @@ def load_or_build(config: PPOConfig, cache: StartCache) -> PPOStart:
     tokenizer = cache.tokenizer(model.hf_dir, lambda: demos.prompts + demos.answers, model.vocab_size)
     policy, model_config = policy_lib.build_policy(model, tokenizer)
     value_rngs = nnx.Rngs(policy_lib.MODEL_SEED + 1)
-    value_head = (ValueHead(model_config.text.hidden_size, rngs=value_rngs) if model.hf_dir
+    # The RL4VLM head for a real-size model (loaded or random_weights), a small one for the tiny presets.
+    real_size = bool(model.hf_dir) or model.random_weights
+    value_head = (ValueHead(model_config.text.hidden_size, rngs=value_rngs) if real_size
                   else ValueHead.tiny(model_config.text.hidden_size, rngs=value_rngs))
     image_fn, num_image_tokens = policy_lib.llava_image_fn(model_config)
     encoder = policy_lib.make_encoder(model, tokenizer, demos.prompts, image_fn, num_image_tokens)
