@@ -1,29 +1,59 @@
-"""The paper's gym_cards comparison: CoSo vs entropy vs none, over seeds, from one SFT start per game.
+"""The paper's gym_cards comparison (issue #20, pre-registered in benchmarks/README.md): CoSo vs entropy vs
+none over paired seeds, from one SFT start per game, at the alpha an alpha sweep chose.
 
-  python -m benchmarks.paper_curves                       # 4 games x 3 algos x 5 seeds, tiny_cpu
-  python -m benchmarks.paper_curves --envs=NumberLine --seeds=3 --algos=none,coso
-  python -m benchmarks.paper_curves --smoke               # 1 seed, 2 short iterations (tests)
-  python -m benchmarks.paper_curves --report_only         # re-draw figure and tables from runs/
+  python -m benchmarks.paper_curves --sweep               # 1. the alpha sweep: 4 games x 3 arms x 4 alphas
+                                                          #    x tuning seeds 100, 101 -> alpha_sweep_cpu.*
+  python -m benchmarks.paper_curves                       # 2. the main grid at the chosen alphas: 4 games x
+                                                          #    none/entropy/coso[/coso_soft] + entropy_x10,
+                                                          #    coso_x10 x seeds 0-7 -> paper_curves_cpu.*
+  python -m benchmarks.paper_curves --report_only         # re-draw figures and tables from runs/
+  python -m benchmarks.paper_curves --sweep --report_only # re-apply the alpha rule, re-draw the sweep
+  python -m benchmarks.paper_curves --sweep --smoke --envs=NumberLine --arms=coso --alphas=0.03,0.1
+  python -m benchmarks.paper_curves --smoke --envs=NumberLine --arms=coso   # (after the smoke sweep)
+
+`python -m benchmarks.alpha_sweep ...` is the same as `python -m benchmarks.paper_curves --sweep ...`.
+
+**The regime** (`REGIME`): every run of the sweep and of the grid, every game and arm, samples at
+`temperature=1.0` from an SFT start of `sft_epochs=3`; all other `tiny_cpu` settings as committed.
+
+**Arms** (`ARMS`): `none`, `entropy`, `coso` (the algos), `coso_soft` (coso with `soft_backup=true`,
+issue #21), and the exploration arms `entropy_x10` / `coso_x10` (entropy / coso at 10x the alpha the
+sweep chose for that game). The sweep runs `entropy`, `coso` and `coso_soft`; `none` has no alpha.
+
+**The sweep** (`benchmarks/alpha_sweep.py`): every run under
+``runs/paper_curves_sweep/<game>/<arm>/alpha_<a>/seed_<k>/``; the rule picks, per (game, arm), the alpha
+with the largest mean AUC over the tuning seeds 100 and 101 (ties to the smaller alpha), computed from
+those seeds' runs only. Writes ``alpha_sweep_<tag>.{json,md,png}``.
+
+**The grid**: every (game, arm, seed) run under ``<workdir>/<game>/<arm>/seed_<k>/``; alphas from the
+sweep's JSON (``--alphas_from``, default ``<out>/alpha_sweep_<tag>.json``; the grid refuses to start
+without it, or with a sweep run under other settings). Paired: every arm of a seed starts from the same
+SFT start (one per game) and trains on the same env seeds (the run's seed). Endpoints per run: **AUC**,
+the mean of the windowed training success rate (metrics.jsonl's `success_rate`) over the iterations, and
+**final success**, `PPOTrainer.evaluate(eval_steps=512)` after the last update. The report gives mean ±
+SE per (game, arm), the paired differences coso - entropy, coso - none and coso_soft - coso (per seed,
+then their mean) with a 10,000-resample bootstrap 95% CI (fixed seed, `_common.bootstrap_mean_ci`), and
+calls a difference "separated" only when that interval excludes 0.
+
+Runs are resumable: a run that finished has ``result.json`` (with its settings' fingerprint) and is
+skipped on the next invocation; one with settings other than the current ones stops the grid with one
+line; an interrupted run resumes from its last checkpoint. All runs of a game share one cached SFT start
+(``<workdir>/sft/``) and, within one process, the compiled steps (module-level jits).
+
+Outputs (``--out``, default ``benchmarks/results/``; with ``--smoke`` the run directory, so a smoke
+never touches the committed results): ``paper_curves_<tag>.png`` (one panel per game, success vs env
+steps, mean ± SE over seeds, arms none/entropy/coso/coso_soft), ``paper_curves_exploration_<tag>.png``
+(per game, training success and invalid-action rate of entropy and coso at the chosen alpha and at 10x),
+``paper_curves_<tag>.json`` and ``.md`` (per (game, arm) AUC, final success, peak, invalid-action rates;
+the paired differences and their intervals; the exploration table; the paper's numbers for reference).
 
 Other benchmarks' JSON, where it exists, adds a panel and a table: `--web_results` (device control,
-`benchmarks.web --digirl`) and `--alfworld_results` (ALFWorld, six task types, per-task-type success and
-progress, `benchmarks.alfworld --compare`).
-
-Every (game, algo, seed) run is an ordinary `PPOTrainer` run under
-``<workdir>/<game>/<algo>/seed_<k>/`` (metrics.jsonl, TensorBoard, checkpoints). A run that finished
-has ``result.json`` and is skipped on the next invocation; a run that was interrupted resumes from its
-last checkpoint. All algos and seeds of a game start from the same cached SFT policy and classifier
-(``<workdir>/sft/``), and the trainer's jitted steps are defined once at module level (static
-arguments: the model structure and settings), so all runs of a game in one process share compiled
-programs and only the first run of each game pays for compilation.
-
-Outputs (``--out``, default ``benchmarks/results/``): ``paper_curves_<tag>.png`` (one panel per game,
-success rate vs env steps, mean +/- standard error over seeds, one line per algo),
-``paper_curves_<tag>.json`` and ``paper_curves_<tag>.md`` (final and peak success per (game, algo)
-with standard errors, the paper's numbers for reference, and a per-game separation statement).
+`benchmarks.web --digirl`) and `--alfworld_results` (ALFWorld, `benchmarks.alfworld --compare`).
 
 Success measures (all over episodes, success = return > 0, as RL4VLM):
   * ``train``: the trainer's curve, success over the last `success_window` finished training episodes;
+  * ``auc``: the mean of ``train`` over the run's iterations (iterations with no finished episode yet,
+    whose ``train`` is undefined, are left out);
   * ``final``: the final policy on fresh evaluation envs (``--eval_steps`` steps, training temperature);
   * ``peak``: the maximum of the ``train`` curve once >= ``--peak_min_episodes`` training episodes
     have finished (RL4VLM reports peak success within the step budget).
@@ -32,17 +62,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from benchmarks._common import (
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
     RESULTS_DIR,
+    bootstrap_mean_ci,
     device_description,
     fmt_mean_se,
     parse_seeds,
@@ -52,7 +86,15 @@ from benchmarks._common import (
 )
 from coso_jax import metrics as metrics_lib
 from coso_jax import plots
-from coso_jax.rl.config import ALGOS, GYM_CARDS_ENVS, PRESETS, PPOConfig, parse_overrides, ppo_preset
+from coso_jax.rl.config import (
+    GYM_CARDS_ENVS,
+    PRESETS,
+    ConfigError,
+    PPOConfig,
+    field_differences,
+    parse_overrides,
+    ppo_preset,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +123,46 @@ PAPER_ALFWORLD_NOTE = ("Paper rows: LLaVA-1.6-7B after SFT, trained with PPO (RL
                        "games, so not comparable. Only the paper's averages are known (secondary source); its "
                        "per-task-type numbers were not available.")
 
-# The smoke grid: the trainer test's tiny settings, two iterations of 16 env steps.
+# ------------------------------------------------------------------------------- pre-registration
+# benchmarks/README.md, "Pre-registration of the paper comparison (issue #20)".
+REGIME: tuple[tuple[str, Any], ...] = (("sft_epochs", 3), ("temperature", 1.0))
+PREREGISTERED_ALPHAS: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0)
+TUNING_SEEDS: tuple[int, ...] = (100, 101)  # the sweep's; never used by the main grid
+GRID_SEEDS: tuple[int, ...] = tuple(range(8))
+EXPLORATION_FACTOR = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One arm of the comparison: an algo, optionally with CoSo's soft backup, at the alpha the sweep chose
+    for the swept arm `alpha_from` (times `alpha_factor`); `alpha_from` None: no alpha (`none`)."""
+
+    algo: str
+    soft_backup: bool = False
+    alpha_from: str | None = None
+    alpha_factor: float = 1.0
+
+
+ARMS: dict[str, Arm] = {
+    "none": Arm("none"),
+    "entropy": Arm("entropy", alpha_from="entropy"),
+    "coso": Arm("coso", alpha_from="coso"),
+    "coso_soft": Arm("coso", soft_backup=True, alpha_from="coso_soft"),
+    "entropy_x10": Arm("entropy", alpha_from="entropy", alpha_factor=EXPLORATION_FACTOR),
+    "coso_x10": Arm("coso", alpha_from="coso", alpha_factor=EXPLORATION_FACTOR),
+}
+SWEPT_ARMS = ("entropy", "coso", "coso_soft")
+# The grid's arms; coso_soft joins them when the sweep chose an alpha for it.
+GRID_ARMS = ("none", "entropy", "coso", "entropy_x10", "coso_x10")
+CURVE_ARMS = ("none", "entropy", "coso", "coso_soft")  # the main figure's lines
+EXPLORATION_ARMS = ("entropy", "entropy_x10", "coso", "coso_x10")
+COMPARISONS = (("coso", "entropy"), ("coso", "none"), ("coso_soft", "coso"))  # paired: a - b per seed
+ENDPOINTS = {"auc": "AUC (mean training success)", "final": "final success (evaluate)"}
+# Set by the grid itself (its axes), never through --set.
+GRID_FIELDS = ("env", "algo", "seed", "alpha", "causal.alpha", "soft_backup", "progress")
+
+# The smoke grid: the trainer test's tiny settings, two iterations of 16 env steps, on top of the regime
+# (its temperature stays; 16 demonstrations need the trainer test's 6 SFT epochs to answer in format).
 SMOKE_OVERRIDES = dict(
     sft_episodes=16, sft_epochs=6, sft_batch_size=8, sft_lr=3e-3, causal_pretrain_steps=2,
     causal_batch=64, causal_minibatch=64, num_envs=4, steps_per_update=16, minibatch_size=8,
@@ -89,205 +170,426 @@ SMOKE_OVERRIDES = dict(
 )
 
 
+def arm_config(preset: str, env: str, arm: str, seed: int, alpha: float | None,
+               overrides: Iterable[tuple[str, Any]]) -> PPOConfig:
+    """The PPOConfig of one run: `preset`, then `overrides` (the regime, smoke sizes, --set), then the arm's
+    algo, soft backup and alpha, the env and the seed."""
+    spec = ARMS[arm]
+    values = dict(overrides)
+    values.update(env=env, algo=spec.algo, seed=seed, progress=False)
+    if spec.soft_backup:
+        values["soft_backup"] = True
+    if alpha is not None:
+        values["alpha"] = float(alpha)
+    return ppo_preset(preset, **values)
+
+
+def fmt_regime(overrides: Iterable[tuple[str, Any]]) -> str:
+    """The regime's fields as this grid sets them ("sft_epochs=3, temperature=1.0"; a smoke's sizes differ)."""
+    values = dict(overrides)
+    return ", ".join(f"{k}={values.get(k, v)}" for k, v in REGIME)
+
+
+def fmt_alpha(alpha: float | None) -> str:
+    return "-" if alpha is None else f"{alpha:g}"
+
+
+# ------------------------------------------------------------------------------------- endpoints
+def _by_step(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """One record per iteration (a step written twice keeps its last record), in step order."""
+    out: dict[int, Mapping[str, Any]] = {}
+    for i, record in enumerate(records):
+        out[int(record.get("step", i + 1))] = record
+    return [out[k] for k in sorted(out)]
+
+
+def _finite(values: Iterable[Any]) -> list[float]:
+    return [float(v) for v in values if v is not None and math.isfinite(float(v))]
+
+
+def auc(records: Iterable[Mapping[str, Any]]) -> float:
+    """The AUC endpoint: the mean of the windowed training success rate (`success_rate`) over the run's
+    iterations, i.e. the area under the success-vs-env-steps curve divided by its length (iterations
+    are equally spaced in env steps). An iteration before any episode finished (success_rate null/NaN)
+    is left out; nan when none is left."""
+    ys = _finite(r.get("success_rate") for r in _by_step(records))
+    return float(np.mean(ys)) if ys else float("nan")
+
+
+def mean_over_iterations(records: Iterable[Mapping[str, Any]], key: str) -> float:
+    ys = _finite(r.get(key) for r in _by_step(records))
+    return float(np.mean(ys)) if ys else float("nan")
+
+
+def paired_difference(a: Mapping[int, float], b: Mapping[int, float], *,
+                      resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
+    """a - b over the seeds both have (finite values): the per-seed differences, their mean and its
+    percentile bootstrap 95% CI; `separated` only when there are >= 2 pairs and the CI excludes 0."""
+    seeds = sorted(s for s in set(a) & set(b) if all(v is not None and math.isfinite(v) for v in (a[s], b[s])))
+    diffs = [a[s] - b[s] for s in seeds]
+    mean, low, high = bootstrap_mean_ci(diffs, resamples=resamples, seed=seed)
+    separated = len(diffs) >= 2 and (low > 0 or high < 0)
+    return {"n": len(diffs), "mean": mean, "ci95": [low, high], "separated": bool(separated),
+            "direction": (">" if low > 0 else "<") if separated else "~",
+            "per_seed": {str(s): d for s, d in zip(seeds, diffs)}}
+
+
+# ------------------------------------------------------------------------------------------ grid
+@dataclasses.dataclass(frozen=True)
+class RunItem:
+    """One run to train (or skip): where it lives and its config."""
+
+    env: str
+    arm: str
+    seed: int
+    alpha: float | None
+    run_dir: Path
+    config: PPOConfig
+
+    @property
+    def label(self) -> str:
+        return f"{self.env}/{self.arm}/seed_{self.seed}" + ("" if self.alpha is None else f" (alpha {self.alpha:g})")
+
+
 @dataclasses.dataclass(frozen=True)
 class GridSpec:
     envs: tuple[str, ...] = GYM_CARDS_ENVS
-    algos: tuple[str, ...] = ALGOS
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    algos: tuple[str, ...] = GRID_ARMS  # the arms (ARMS' names)
+    seeds: tuple[int, ...] = GRID_SEEDS
     preset: str = "tiny_cpu"
     workdir: str = "runs/paper_curves"
-    overrides: tuple[tuple[str, Any], ...] = ()
+    overrides: tuple[tuple[str, Any], ...] = REGIME  # regime (+ smoke sizes) (+ --set), sorted
     eval_steps: int = 512
     peak_min_episodes: int = 50
     progress: bool = True
+    # The sweep's choices: (game, swept arm, alpha), and the JSON they came from.
+    alphas: tuple[tuple[str, str, float], ...] = ()
+    alphas_source: str = ""
 
-    def config(self, env: str, algo: str, seed: int):
-        return ppo_preset(self.preset, env=env, algo=algo, seed=seed, progress=False,
-                          **dict(self.overrides))
+    def alpha(self, env: str, arm: str) -> float | None:
+        """The arm's alpha on `env` (None for `none`); ConfigError if the sweep chose none for it."""
+        spec = ARMS[arm]
+        if spec.alpha_from is None:
+            return None
+        for e, swept, value in self.alphas:
+            if e == env and swept == spec.alpha_from:
+                return value * spec.alpha_factor
+        source = self.alphas_source or "(no alpha sweep given)"
+        raise ConfigError(f"the alpha sweep {source} chose no alpha for {env}/{spec.alpha_from}: finish the "
+                          "sweep (python -m benchmarks.paper_curves --sweep) or leave that arm out (--arms)")
+
+    def alpha_or_none(self, env: str, arm: str) -> float | None:
+        try:
+            return self.alpha(env, arm)
+        except ConfigError:
+            return None
+
+    def config(self, env: str, algo: str, seed: int) -> PPOConfig:
+        return arm_config(self.preset, env, algo, seed, self.alpha(env, algo), self.overrides)
 
     def run_dir(self, env: str, algo: str, seed: int) -> Path:
         return Path(self.workdir) / env / algo / f"seed_{seed}"
 
+    def items(self) -> list[RunItem]:
+        # Seed-major order: an interrupted or time-boxed grid still holds every game and arm with as
+        # many seeds as it got through.
+        return [RunItem(env, arm, seed, self.alpha(env, arm), self.run_dir(env, arm, seed),
+                        self.config(env, arm, seed))
+                for seed in self.seeds for env in self.envs for arm in self.algos]
 
-def run_grid(spec: GridSpec) -> dict[str, Any]:
-    """Runs (or resumes, or skips) every run of the grid; returns per-run results and timings."""
+
+def run_items(items: Sequence[RunItem], *, workdir: str | Path, eval_steps: int, progress: bool,
+              desc: str) -> dict[str, Any]:
+    """Trains (or resumes, or skips) every run; returns the invocation's timings (also appended to
+    <workdir>/grid_timings.json when something trained). With `eval_steps` > 0 each run ends with
+    `evaluate(eval_steps)` and each game's SFT start is evaluated once (<workdir>/sft_eval_<game>.json).
+
+    SFT starts are cached per game; compiled steps are shared by every run of the process with the
+    same shapes (module-level jits), i.e. per game."""
     from coso_jax.rl.ppo.trainer import PPOTrainer
 
-    # Seed-major order: an interrupted or time-boxed grid still holds every game and algo with as
-    # many seeds as it got through. SFT starts are cached per game; compiled steps are shared by every
-    # run of the process with the same shapes (module-level jits), i.e. per game.
-    runs = [(env, algo, seed) for seed in spec.seeds for env in spec.envs for algo in spec.algos]
-    done = {run: _read_result(spec.run_dir(*run)) for run in runs}
-    bar = metrics_lib.progress_bar(len(runs), desc="paper_curves", disable=not spec.progress,
+    done = {item.label: _finished(item) for item in items}
+    bar = metrics_lib.progress_bar(len(items), desc=desc, disable=not progress,
                                    initial=sum(r is not None for r in done.values()))
     timings = {"runs_trained": 0, "runs_skipped": sum(r is not None for r in done.values()),
                "run_wall_s": {}, "sft_eval_wall_s": {}}
     start = time.perf_counter()
     try:
-        for run in [run for run in runs if done[run] is None]:
-            env, algo, seed = run
-            run_dir = spec.run_dir(*run)
-            config = spec.config(env, algo, seed)
-            config = config.replace(sft_dir=str(_sft_dir(spec, config)))
-            resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
-            bar.set_scalars({"run": f"{env}/{algo}/{seed}" + (" (resumed)" if resume else "")})
+        for item in [item for item in items if done[item.label] is None]:
+            config = item.config.replace(sft_dir=str(_sft_dir(workdir, item.config)))
+            checkpoints = item.run_dir / "checkpoints"
+            resume = checkpoints.is_dir() and any(checkpoints.iterdir())
+            bar.set_scalars({"run": item.label + (" (resumed)" if resume else "")})
             t0 = time.perf_counter()
-            trainer = PPOTrainer(config, run_dir, resume=resume)
+            trainer = PPOTrainer(config, item.run_dir, resume=resume)
+            final = None
             try:
-                sft_eval_path = Path(spec.workdir) / f"sft_eval_{env}.json"
-                if not sft_eval_path.exists():
+                sft_eval_path = Path(workdir) / f"sft_eval_{item.env}.json"
+                if eval_steps > 0 and not sft_eval_path.exists():
                     # The SFT start's success, on the same evaluation envs as every final policy.
                     t_eval = time.perf_counter()
-                    sft_eval = dict(trainer.evaluate(spec.eval_steps), sft=trainer.start_summary)
+                    sft_eval = dict(trainer.evaluate(eval_steps), sft=trainer.start_summary)
                     write_json_atomic(sft_eval_path, sft_eval)
-                    timings["sft_eval_wall_s"][env] = time.perf_counter() - t_eval
+                    timings["sft_eval_wall_s"][item.env] = time.perf_counter() - t_eval
                 trainer.train()
-                final = trainer.evaluate(spec.eval_steps)
+                if eval_steps > 0:
+                    final = trainer.evaluate(eval_steps)
             finally:
                 trainer.close()
-            result = {"env": env, "algo": algo, "seed": seed, "final_eval": final,
+            records = metrics_lib.read_jsonl(item.run_dir / "metrics.jsonl")
+            arm = ARMS[item.arm]
+            result = {"env": item.env, "arm": item.arm, "algo": arm.algo, "soft_backup": arm.soft_backup,
+                      "alpha": item.alpha, "seed": item.seed, "auc": auc(records), "final_eval": final,
                       "env_steps": trainer.rollout.total_env_steps,
-                      "wall_s_this_invocation": time.perf_counter() - t0}
-            write_json_atomic(run_dir / "result.json", result)
-            done[run] = result
+                      "wall_s_this_invocation": time.perf_counter() - t0,
+                      "resume_fingerprint": item.config.resume_fingerprint(),
+                      "config_fields": item.config.resume_fields()}
+            write_json_atomic(item.run_dir / "result.json", result)
+            done[item.label] = result
             timings["runs_trained"] += 1
-            timings["run_wall_s"]["/".join(map(str, run))] = result["wall_s_this_invocation"]
-            bar.update(1, {"final": final["success_rate"]})
-            print(f"{env}/{algo}/seed_{seed}: final success {final['success_rate']:.3f} "
-                  f"({result['wall_s_this_invocation']:.0f} s)", flush=True)
+            timings["run_wall_s"][item.label] = result["wall_s_this_invocation"]
+            shown = {"auc": result["auc"]} if final is None else {"final": final["success_rate"]}
+            bar.update(1, shown)
+            print(f"{item.label}: AUC {result['auc']:.3f}"
+                  + ("" if final is None else f", final success {final['success_rate']:.3f}")
+                  + f" ({result['wall_s_this_invocation']:.0f} s)", flush=True)
     finally:
         bar.close()
     timings["grid_wall_s_this_invocation"] = time.perf_counter() - start
     if timings["runs_trained"]:
-        _record_invocation(spec, timings)
-    return {"timings": timings}
+        _record_invocation(workdir, timings)
+    return timings
 
 
-def _timings_path(spec: GridSpec) -> Path:
-    return Path(spec.workdir) / "grid_timings.json"
+def run_grid(spec: GridSpec) -> dict[str, Any]:
+    """Runs (or resumes, or skips) every run of the grid; returns its timings."""
+    return {"timings": run_items(spec.items(), workdir=spec.workdir, eval_steps=spec.eval_steps,
+                                 progress=spec.progress, desc="paper_curves")}
 
 
-def _record_invocation(spec: GridSpec, timings: dict[str, Any]) -> None:
+def _finished(item: RunItem) -> dict[str, Any] | None:
+    """The run's result.json if it finished under the current settings; None if it has not finished
+    (or was extended: fewer env steps than the config's); RunError if it finished under other settings."""
+    from coso_jax.rl.run import RunError
+
+    result = _read_result(item.run_dir)
+    if result is None:
+        return None
+    if result.get("resume_fingerprint") != item.config.resume_fingerprint():
+        stored = result.get("config_fields")
+        diffs = (field_differences(stored, item.config.resume_fields()) if stored
+                 else ["settings not recorded (written by an older grid)"])
+        raise RunError(f"{item.run_dir} finished under other settings ({'; '.join(diffs[:3])}"
+                       f"{'; ...' if len(diffs) > 3 else ''}): move it away or use another --workdir")
+    if int(result.get("env_steps", 0)) < item.config.total_env_steps:
+        return None
+    return result
+
+
+def _timings_path(workdir: str | Path) -> Path:
+    return Path(workdir) / "grid_timings.json"
+
+
+def _record_invocation(workdir: str | Path, timings: dict[str, Any]) -> None:
     """Appends one invocation's timings to <workdir>/grid_timings.json, so `--report_only` (and a
     later report) still states how long the grid took."""
-    path = _timings_path(spec)
+    path = _timings_path(workdir)
     history = read_json(path) or []
     history.append(dict(timings, finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                         load_avg_1min=os.getloadavg()[0]))
     write_json_atomic(path, history)
 
 
-def _sft_dir(spec: GridSpec, config) -> Path:
-    return Path(spec.workdir) / "sft" / f"{config.env}-{config.preset}-{config.start_fingerprint()[:10]}"
+def _sft_dir(workdir: str | Path, config: PPOConfig) -> Path:
+    return Path(workdir) / "sft" / f"{config.env}-{config.preset}-{config.start_fingerprint()[:10]}"
 
 
 def _read_result(run_dir: Path) -> dict[str, Any] | None:
     return read_json(run_dir / "result.json")
 
 
+def settings_of(preset: str, overrides: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    """What a sweep and the grid that uses its alphas must share: the preset and every override."""
+    return {"preset": preset, "overrides": {k: v for k, v in sorted(dict(overrides).items())}}
+
+
+def load_alphas(path: str | Path, settings: Mapping[str, Any], *, smoke: bool) -> tuple[tuple[str, str, float], ...]:
+    """The sweep's chosen alphas from its JSON as (game, swept arm, alpha); ConfigError with one line if
+    the file is missing or the sweep ran under other settings than `settings`."""
+    data = read_json(path)
+    if data is None:
+        raise ConfigError(f"no alpha sweep at {path}: run `python -m benchmarks.paper_curves --sweep"
+                          f"{' --smoke' if smoke else ''}` first (or pass --alphas_from)")
+    stored = data.get("settings", {})
+    if json.dumps(stored, sort_keys=True) != json.dumps(dict(settings), sort_keys=True):
+        flat = lambda s: {"preset": s.get("preset"), **{f"--set {k}": v for k, v in s.get("overrides", {}).items()}}
+        diffs = field_differences(flat(stored), flat(settings))
+        raise ConfigError(f"the alpha sweep {path} ran under other settings than this grid ({'; '.join(diffs[:3])}): "
+                          "rerun the sweep with the grid's settings or pass another --alphas_from")
+    return tuple((env, arm, float(alpha)) for env, per_arm in data.get("chosen", {}).items()
+                 for arm, alpha in per_arm.items())
+
+
 # ------------------------------------------------------------------------------------------ report
 mean_se = metrics_lib.mean_and_se  # (mean, standard error) of finite values
 
 
-def separation(a: tuple[float, float], b: tuple[float, float]) -> str:
-    """'>' if a's mean - SE exceeds b's mean + SE, '<' for the reverse, '~' if the ±1 SE bands overlap."""
-    (ma, sa), (mb, sb) = a, b
-    if not (math.isfinite(ma) and math.isfinite(mb)):
-        return "?"
-    if ma - sa > mb + sb:
-        return ">"
-    if mb - sb > ma + sa:
-        return "<"
-    return "~"
-
-
 def collect(spec: GridSpec) -> dict[str, Any]:
-    """Reads every finished run of the grid: curves, final and peak success, per (env, algo)."""
+    """Reads every finished run of the grid: curves, endpoints, per (game, arm), and the paired
+    differences with bootstrap CIs."""
     table: dict[str, dict[str, Any]] = {}
     curves: dict[str, dict[str, list]] = {}
+    invalid_curves: dict[str, dict[str, list]] = {}
+    comparisons: dict[str, dict[str, Any]] = {}
     for env in spec.envs:
-        table[env], curves[env] = {}, {}
-        sft_eval_path = Path(spec.workdir) / f"sft_eval_{env}.json"
-        sft_eval = read_json(sft_eval_path)
-        for algo in spec.algos:
-            finals, peaks, last_train, runs = [], [], [], []
+        table[env], curves[env], invalid_curves[env] = {}, {}, {}
+        sft_eval = read_json(Path(spec.workdir) / f"sft_eval_{env}.json")
+        per_seed: dict[str, dict[str, dict[int, float]]] = {}
+        for arm in spec.algos:
+            runs, invalid_runs = [], []
+            values: dict[str, dict[int, float]] = {k: {} for k in (
+                "auc", "final", "final_invalid", "train_invalid", "peak", "last_train")}
             for seed in spec.seeds:
-                run_dir = spec.run_dir(env, algo, seed)
+                run_dir = spec.run_dir(env, arm, seed)
                 result = _read_result(run_dir)
                 if result is None:
                     continue
-                records = metrics_lib.read_jsonl(run_dir / "metrics.jsonl")
+                records = _by_step(metrics_lib.read_jsonl(run_dir / "metrics.jsonl"))
                 xs = np.asarray([r["env_steps"] for r in records], np.float64)
-                ys = np.asarray([r["success_rate"] for r in records], np.float64)
+                ys = np.asarray([r.get("success_rate") for r in records], np.float64)
+                inv = np.asarray([r.get("invalid_action_rate") for r in records], np.float64)
                 # A record's "episodes" counts the episodes its iteration finished.
                 seen = np.cumsum([r.get("episodes", 0) for r in records])
                 window_full = seen >= spec.peak_min_episodes
                 runs.append((xs, ys))
-                finals.append(result["final_eval"]["success_rate"])
-                last_train.append(float(ys[-1]) if ys.size else float("nan"))
-                peaks.append(float(np.nanmax(ys[window_full])) if window_full.any() else float("nan"))
-            curves[env][algo] = runs
-            table[env][algo] = {
-                "seeds": len(finals),
-                "final_eval": mean_se(finals), "final_train_window": mean_se(last_train),
-                "peak_train_window": mean_se(peaks),
-                "per_seed_final_eval": finals, "per_seed_peak": peaks,
+                if np.isfinite(inv).any():
+                    invalid_runs.append((xs, inv))
+                final = result.get("final_eval") or {}
+                values["auc"][seed] = auc(records)
+                values["final"][seed] = final.get("success_rate", float("nan"))
+                values["final_invalid"][seed] = final.get("invalid_action_rate", float("nan"))
+                values["train_invalid"][seed] = mean_over_iterations(records, "invalid_action_rate")
+                values["last_train"][seed] = float(ys[-1]) if ys.size else float("nan")
+                values["peak"][seed] = (float(np.nanmax(ys[window_full])) if window_full.any()
+                                        and np.isfinite(ys[window_full]).any() else float("nan"))
+            curves[env][arm], invalid_curves[env][arm] = runs, invalid_runs
+            per_seed[arm] = values
+            seeds = sorted(values["final"])
+            table[env][arm] = {
+                "seeds": len(seeds), "alpha": spec.alpha_or_none(env, arm),
+                "auc": mean_se(values["auc"].values()),
+                "final_eval": mean_se(values["final"].values()),
+                "final_invalid_action_rate": mean_se(values["final_invalid"].values()),
+                "train_invalid_action_rate": mean_se(values["train_invalid"].values()),
+                "final_train_window": mean_se(values["last_train"].values()),
+                "peak_train_window": mean_se(values["peak"].values()),
+                "per_seed": {str(s): {k: values[k].get(s) for k in values} for s in seeds},
             }
         table[env]["sft_start_eval"] = None if sft_eval is None else sft_eval["success_rate"]
-        # A standard error needs two seeds: with fewer, no separation is claimed either way.
-        present = [a for a in ("coso", "entropy", "none") if a in spec.algos and table[env][a]["seeds"] >= 2]
-        table[env]["separation_final"] = {
-            f"{a} vs {b}": separation(table[env][a]["final_eval"], table[env][b]["final_eval"])
-            for i, a in enumerate(present) for b in present[i + 1:]
-        }
-        table[env]["separation_peak"] = {
-            f"{a} vs {b}": separation(table[env][a]["peak_train_window"], table[env][b]["peak_train_window"])
-            for i, a in enumerate(present) for b in present[i + 1:]
-        }
-    return {"table": table, "curves": curves}
+        comparisons[env] = {
+            f"{a} - {b}": {endpoint: paired_difference(per_seed[a][endpoint], per_seed[b][endpoint])
+                           for endpoint in ENDPOINTS}
+            for a, b in COMPARISONS if a in spec.algos and b in spec.algos}
+    return {"table": table, "curves": curves, "invalid_curves": invalid_curves, "comparisons": comparisons}
 
 
-def statement(env: str, row: dict[str, Any]) -> str:
-    """One sentence per game: is CoSo > entropy > none outside one standard error (final eval)?"""
-    sep = row["separation_final"]
-    wanted = [("coso vs entropy", "CoSo > entropy"), ("entropy vs none", "entropy > none"),
-              ("coso vs none", "CoSo > none")]
+def _fmt_diff(d: Mapping[str, Any]) -> str:
+    """A paired difference in percentage points: "+3.1 [-1.0, +7.2]"."""
+    if not d["n"] or not math.isfinite(d["mean"]):
+        return "n/a"
+    low, high = d["ci95"]
+    return f"{100 * d['mean']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
+
+
+def statement(env: str, comparisons: Mapping[str, Any]) -> str:
+    """One sentence per game: which paired differences have a 95% CI that excludes 0, per endpoint."""
     parts = []
-    for key, claim in wanted:
-        if key not in sep:
-            continue
-        verdict = {">": "yes", "<": "no, reversed outside 1 SE", "~": "not separated (±1 SE overlap)",
-                   "?": "no data"}[sep[key]]
-        parts.append(f"{claim}: {verdict}")
-    return f"{env}: " + "; ".join(parts) if parts else f"{env}: fewer than two algos with >= 2 seeds"
+    for name, per_endpoint in comparisons.items():
+        for endpoint, d in per_endpoint.items():
+            if d["n"] < 2:
+                verdict = f"{d['n']} paired seed(s), no claim"
+            elif d["separated"]:
+                verdict = f"separated ({'>' if d['mean'] > 0 else '<'} 0: {_fmt_diff(d)} pts)"
+            else:
+                verdict = f"not separated ({_fmt_diff(d)} pts, CI includes 0)"
+            parts.append(f"{name} {endpoint}: {verdict}")
+    return f"{env}: " + "; ".join(parts) if parts else f"{env}: no paired comparison in this grid"
 
 
-def markdown(spec: GridSpec, table: dict[str, Any], meta: dict[str, Any]) -> str:
+def markdown(spec: GridSpec, table: dict[str, Any], comparisons: dict[str, Any], meta: dict[str, Any]) -> str:
+    regime = fmt_regime(spec.overrides)
     lines = [
-        f"# gym_cards: CoSo vs entropy vs none ({spec.preset} preset)",
+        f"# gym_cards: CoSo vs entropy vs none ({spec.preset} preset, regime {regime})",
         "",
-        f"Success rate in %, mean ± standard error over seeds {list(spec.seeds)}. "
-        f"`final`: final policy on fresh envs ({spec.eval_steps} env steps). `peak`: maximum of the "
-        f"training curve (success over the last `success_window` episodes) once >= "
-        f"{spec.peak_min_episodes} episodes have finished. Device: {meta['device']['platform']} "
-        f"({meta['device']['cpu_count']} cores). Grid wall time: {meta['wall_time']}.",
+        f"Success rate in %, mean ± standard error over seeds {list(spec.seeds)} (paired: one SFT start per "
+        f"game, the same env seeds for every arm). `AUC`: mean of the training curve (success over the last "
+        f"`success_window` episodes) over the iterations. `final`: final policy on fresh envs "
+        f"({spec.eval_steps} env steps). `peak`: maximum of the training curve once >= "
+        f"{spec.peak_min_episodes} episodes have finished. `invalid`: invalid-action rate of the final "
+        f"evaluation. Alphas: chosen by the alpha sweep ({spec.alphas_source or 'none given'}); x10 arms at "
+        f"10x. Device: {meta['device']['platform']} ({meta['device']['cpu_count']} cores). Grid wall time: "
+        f"{meta['wall_time']}.",
         "",
-        "| game | algo | seeds | SFT start | final | peak | paper RL4VLM PPO peak (7B) | paper SFT init (7B) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| game | arm | alpha | seeds | SFT start | AUC | final | peak | invalid | paper RL4VLM PPO peak (7B) "
+        "| paper SFT init (7B) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for env, row in table.items():
         paper = PAPER_PEAK_PERCENT.get(env, {})
         sft = row["sft_start_eval"]
-        for algo in spec.algos:
-            cell = row[algo]
+        for arm in spec.algos:
+            cell = row[arm]
             lines.append(
-                f"| {env} | {algo} | {cell['seeds']} | {'n/a' if sft is None else f'{100 * sft:.1f}'} | "
+                f"| {env} | {arm} | {fmt_alpha(cell['alpha'])} | {cell['seeds']} | "
+                f"{'n/a' if sft is None else f'{100 * sft:.1f}'} | {fmt_mean_se(tuple(cell['auc']))} | "
                 f"{fmt_mean_se(tuple(cell['final_eval']))} | {fmt_mean_se(tuple(cell['peak_train_window']))} | "
-                f"{paper.get('rl4vlm_ppo', 'n/a') if algo == 'none' else ''} | "
-                f"{paper.get('sft_init', 'n/a') if algo == 'none' else ''} |")
-    lines += ["", PAPER_NOTE, "", "## Separation (final success, ±1 SE bands)", ""]
-    lines += [f"- {statement(env, row)}" for env, row in table.items()]
+                f"{fmt_mean_se(tuple(cell['final_invalid_action_rate']))} | "
+                f"{paper.get('rl4vlm_ppo', 'n/a') if arm == 'none' else ''} | "
+                f"{paper.get('sft_init', 'n/a') if arm == 'none' else ''} |")
+    lines += ["", PAPER_NOTE, "",
+              f"## Paired differences ({BOOTSTRAP_RESAMPLES:,}-resample bootstrap 95% CI, seed {BOOTSTRAP_SEED})",
+              "",
+              "Per seed a - b, then the mean over seeds, in percentage points; a difference is called "
+              "separated only when its 95% interval excludes 0 (and at least 2 seeds pair up).", "",
+              "| game | comparison | endpoint | pairs | mean [95% CI] (pts) | separated |", "|---|---|---|---|---|---|"]
+    for env, per_env in comparisons.items():
+        for name, per_endpoint in per_env.items():
+            for endpoint, d in per_endpoint.items():
+                lines.append(f"| {env} | {name} | {endpoint} | {d['n']} | {_fmt_diff(d)} | "
+                             f"{'yes' if d['separated'] else 'no'} |")
+    lines += ["", "## Separation (95% bootstrap CI of the paired difference excludes 0)", ""]
+    lines += [f"- {statement(env, per_env)}" for env, per_env in comparisons.items()]
+    explore = [arm for arm in EXPLORATION_ARMS if arm in spec.algos]
+    if any(arm.endswith("_x10") for arm in explore):
+        lines += ["", "## Exploration: the chosen alpha and 10x", "",
+                  "Invalid-action rates in %: `train` is the mean over the iterations of the rollouts' rate, "
+                  "`final` the final evaluation's.", "",
+                  "| game | arm | alpha | seeds | AUC | final | invalid (train) | invalid (final) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for env, row in table.items():
+            for arm in explore:
+                cell = row[arm]
+                lines.append(f"| {env} | {arm} | {fmt_alpha(cell['alpha'])} | {cell['seeds']} | "
+                             f"{fmt_mean_se(tuple(cell['auc']))} | {fmt_mean_se(tuple(cell['final_eval']))} | "
+                             f"{fmt_mean_se(tuple(cell['train_invalid_action_rate']))} | "
+                             f"{fmt_mean_se(tuple(cell['final_invalid_action_rate']))} |")
     return "\n".join(lines) + "\n"
+
+
+def exploration_panels(spec: GridSpec, curves: Mapping[str, Any], invalid_curves: Mapping[str, Any]) -> dict[str, Any]:
+    """Per game two panels (training success; invalid-action rate) of entropy and coso at the chosen alpha
+    and at 10x; empty when the grid has no x10 arm or no such run finished."""
+    arms = [arm for arm in EXPLORATION_ARMS if arm in spec.algos]
+    if not any(arm.endswith("_x10") for arm in arms):
+        return {}
+    panels: dict[str, Any] = {}
+    for env in spec.envs:
+        alphas = ", ".join(f"{a} {fmt_alpha(spec.alpha_or_none(env, a))}" for a in ("entropy", "coso") if a in arms)
+        for what, source in (("success", curves), ("invalid-action rate", invalid_curves)):
+            panel = {arm.replace("_x10", " x10"): source[env][arm] for arm in arms if source[env].get(arm)}
+            if panel:
+                panels[f"{env}: {what}" + (f" (alpha {alphas})" if alphas else "")] = panel
+    return panels
 
 
 def web_panel(path: Path) -> tuple[dict[str, list], dict[str, Any]] | None:
@@ -349,9 +651,10 @@ def alfworld_markdown(data: dict[str, Any], source: str) -> str:
 def report(spec: GridSpec, out_dir: Path, tag: str, timings: dict[str, Any] | None,
            web_results: Path | None = None, alfworld_results: Path | None = None) -> dict[str, Any]:
     collected = collect(spec)
-    table, curves = collected["table"], collected["curves"]
-    panels = {env: {algo: runs for algo, runs in per_algo.items() if runs}
-              for env, per_algo in curves.items() if any(per_algo.values())}
+    table, curves, comparisons = collected["table"], collected["curves"], collected["comparisons"]
+    panels = {env: {arm: runs for arm, runs in per_arm.items() if runs and arm in CURVE_ARMS}
+              for env, per_arm in curves.items()}
+    panels = {env: per_arm for env, per_arm in panels.items() if per_arm}
     web = web_panel(web_results) if web_results is not None else None
     if web is not None and panels:
         # x of this panel: online trajectories (DigiRL counts trajectories, not env steps).
@@ -365,17 +668,22 @@ def report(spec: GridSpec, out_dir: Path, tag: str, timings: dict[str, Any] | No
         plots.plot_mean_se_panels(
             panels, png, ncols=2 if len(panels) > 1 else 1, xlabels={WEB_PANEL: "online trajectories"},
             title=f"{spec.preset} preset: success (mean ± SE over seeds)")
-    history = read_json(_timings_path(spec)) or []
+    explore = exploration_panels(spec, curves, collected["invalid_curves"])
+    explore_png = out_dir / f"paper_curves_exploration_{tag}.png"
+    if explore:
+        plots.plot_mean_se_panels(explore, explore_png, ncols=2, ylabel="rate",
+                                  title="Exploration: entropy and CoSo at the chosen alpha and at 10x "
+                                        "(mean ± SE over seeds)")
+    history = read_json(_timings_path(spec.workdir)) or []
     if timings is None:  # --report_only: the latest invocation that trained something
         timings = history[-1] if history else {}
     wall = timings.get("grid_wall_s_this_invocation")
-    run_walls = sum(_read_result(spec.run_dir(e, a, s)) is not None and
-                    _read_result(spec.run_dir(e, a, s)).get("wall_s_this_invocation", 0.0) or 0.0
-                    for e in spec.envs for a in spec.algos for s in spec.seeds)
+    results = [_read_result(spec.run_dir(e, a, s)) for e in spec.envs for a in spec.algos for s in spec.seeds]
+    run_walls = sum(r.get("wall_s_this_invocation", 0.0) or 0.0 for r in results if r is not None)
     meta = {"device": device_description(),
             "wall_time": (f"{run_walls / 60:.1f} min summed over runs"
                           + ("" if wall is None else f"; this invocation {wall / 60:.1f} min"))}
-    md = markdown(spec, table, meta)
+    md = markdown(spec, table, comparisons, meta)
     if web is not None:
         md += ("\n## Device control: web/general, DigiRL backbone (benchmarks/results/web_digirl_cpu.json)\n\n"
                "| algo | seeds | test success | online success |\n|---|---|---|---|\n")
@@ -385,15 +693,26 @@ def report(spec: GridSpec, out_dir: Path, tag: str, timings: dict[str, Any] | No
     if alfworld is not None:
         md += alfworld_markdown(alfworld[1], str(alfworld_results))
     (out_dir / f"paper_curves_{tag}.md").write_text(md)
+    try:
+        config_example = spec.config(spec.envs[0], spec.algos[0], spec.seeds[0]).to_flat_dict()
+    except ConfigError:  # no alpha for that arm (a report drawn without the sweep's JSON)
+        config_example = None
     payload = {
-        "description": "gym_cards CoSo vs entropy vs none over seeds (benchmarks/paper_curves.py)",
-        "grid": {"envs": list(spec.envs), "algos": list(spec.algos), "seeds": list(spec.seeds),
-                 "preset": spec.preset, "overrides": dict(spec.overrides),
-                 "eval_steps": spec.eval_steps, "peak_min_episodes": spec.peak_min_episodes},
-        "config_example": spec.config(spec.envs[0], spec.algos[0], spec.seeds[0]).to_flat_dict(),
+        "description": ("gym_cards CoSo vs entropy vs none over paired seeds at the sweep's alphas "
+                        "(benchmarks/paper_curves.py; pre-registered in benchmarks/README.md)"),
+        "grid": {"envs": list(spec.envs), "arms": list(spec.algos), "seeds": list(spec.seeds),
+                 "preset": spec.preset, "regime": dict(REGIME), "overrides": dict(spec.overrides),
+                 "eval_steps": spec.eval_steps, "peak_min_episodes": spec.peak_min_episodes,
+                 "arm_definitions": {a: dataclasses.asdict(ARMS[a]) for a in spec.algos}},
+        "alphas": {"source": spec.alphas_source,
+                   "per_game": {env: {arm: spec.alpha_or_none(env, arm) for arm in spec.algos} for env in spec.envs}},
+        "config_example": config_example,
         "dtype": "float32",
         "table": table,
-        "statements": [statement(env, row) for env, row in table.items()],
+        "comparisons": comparisons,
+        "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "level": 0.95,
+                      "statistic": "mean of the per-seed paired differences", "interval": "percentile"},
+        "statements": [statement(env, per_env) for env, per_env in comparisons.items()],
         "paper_peak_percent": PAPER_PEAK_PERCENT,
         "paper_gym_cards_average": PAPER_GYM_CARDS_AVERAGE,
         "paper_note": PAPER_NOTE,
@@ -401,6 +720,7 @@ def report(spec: GridSpec, out_dir: Path, tag: str, timings: dict[str, Any] | No
         "timings_all_invocations": history,
         "summed_run_wall_s": run_walls,
         "figure": png.name,
+        "exploration_figure": explore_png.name if explore else None,
         "device_control": None if web is None else {"source": str(web_results), "summary": web[1]},
     }
     if alfworld is not None:  # only then: the payload is unchanged without the ALFWorld results
@@ -414,21 +734,42 @@ def report(spec: GridSpec, out_dir: Path, tag: str, timings: dict[str, Any] | No
     return payload
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[GridSpec, argparse.Namespace]:
+# -------------------------------------------------------------------------------------------- CLI
+SMOKE_WORKDIR = "runs/paper_curves_smoke"
+SWEEP_WORKDIR = "runs/paper_curves_sweep"
+SWEEP_SMOKE_WORKDIR = "runs/paper_curves_sweep_smoke"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, argparse.Namespace]:
+    """(GridSpec, args), or (alpha_sweep.SweepSpec, args) with --sweep. The grid's alphas are read later
+    (`_run`), so parsing never needs the sweep's JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="run the alpha sweep (tuning seeds) instead of the grid")
     parser.add_argument("--envs", default=",".join(GYM_CARDS_ENVS))
-    parser.add_argument("--algos", default=",".join(ALGOS))
-    parser.add_argument("--seeds", default="5", help="a count N (seeds 0..N-1) or a list like 0,3,7")
+    parser.add_argument("--arms", "--algos", dest="arms", default=None,
+                        help=f"comma-separated, from {list(ARMS)}; grid default {list(GRID_ARMS)} (+ coso_soft "
+                             f"when the sweep chose an alpha for it), sweep default {list(SWEPT_ARMS)}")
+    parser.add_argument("--seeds", default=None,
+                        help="grid: a count N (seeds 0..N-1) or a list like 0,3,7, default 8; sweep: a list "
+                             "of tuning seeds (100 or 100,101, the default); --smoke: the first of those")
+    parser.add_argument("--alphas", default=None,
+                        help=f"--sweep only: comma-separated alphas (default the pre-registered {list(PREREGISTERED_ALPHAS)})")
+    parser.add_argument("--alphas_from", default=None,
+                        help="grid only: the sweep's JSON (default <out>/alpha_sweep_<tag>.json; --smoke: "
+                             f"{SWEEP_SMOKE_WORKDIR}/alpha_sweep_smoke.json)")
     parser.add_argument("--preset", default="tiny_cpu", choices=PRESETS)
-    parser.add_argument("--workdir", default=None, help="default runs/paper_curves (smoke: runs/paper_curves_smoke)")
-    parser.add_argument("--out", default=str(RESULTS_DIR))
+    parser.add_argument("--workdir", default=None,
+                        help=f"default {GridSpec.workdir} / {SWEEP_WORKDIR} (--smoke: {SMOKE_WORKDIR} / "
+                             f"{SWEEP_SMOKE_WORKDIR})")
+    parser.add_argument("--out", default=None, help=f"default {RESULTS_DIR} (--smoke: the workdir)")
     parser.add_argument("--tag", default=None, help="output name suffix (default: cpu, gpu or smoke)")
     parser.add_argument("--eval_steps", type=int, default=None)
     parser.add_argument("--peak_min_episodes", type=int, default=50)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="any PPOConfig field (flat or dotted name), for every run (repeatable)")
-    parser.add_argument("--smoke", action="store_true", help="1 seed, 2 tiny iterations per run")
-    parser.add_argument("--report_only", action="store_true", help="only re-draw figure and tables")
+                        help="any PPOConfig field (flat or dotted name) other than the grid's axes "
+                             f"{list(GRID_FIELDS)}, for every run (repeatable)")
+    parser.add_argument("--smoke", action="store_true", help="the first seed only, 2 tiny iterations per run")
+    parser.add_argument("--report_only", action="store_true", help="only re-draw figures and tables")
     parser.add_argument("--no_progress", action="store_true")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors (also COSO_DEBUG=1)")
     parser.add_argument("--web_results", default=str(RESULTS_DIR / "web_digirl_cpu.json"),
@@ -440,42 +781,87 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[GridSpec, argparse.Na
     args = parser.parse_args(argv)
 
     def split(text, allowed, what):
-        items = tuple(t.strip() for t in text.split(",") if t.strip())
+        items = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
         bad = [t for t in items if t not in allowed]
         if not items or bad:
             parser.error(f"--{what}: unknown {bad or 'empty list'}; choose from {list(allowed)}")
         return items
 
-    envs, algos = split(args.envs, GYM_CARDS_ENVS, "envs"), split(args.algos, ALGOS, "algos")
+    envs = split(args.envs, GYM_CARDS_ENVS, "envs")
+    arms = None if args.arms is None else split(args.arms, SWEPT_ARMS if args.sweep else tuple(ARMS), "arms")
     try:
-        seeds = parse_seeds(args.seeds)
+        if args.seeds is None:
+            seeds = TUNING_SEEDS if args.sweep else GRID_SEEDS
+        elif args.sweep:  # always a list: "--seeds=100" is seed 100, not 100 seeds
+            seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
+        else:
+            seeds = parse_seeds(args.seeds)
     except ValueError:
         parser.error(f"--seeds must be a count or a comma-separated list of ints, got {args.seeds!r}")
-    if args.smoke:
-        seeds = seeds[:1] if args.seeds != "5" else (0,)
+    if args.smoke and args.seeds is None:
+        seeds = seeds[:1]
     if not seeds:
         parser.error("--seeds: need at least one seed")
-    overrides = dict(SMOKE_OVERRIDES) if args.smoke else {}
+    if args.sweep and not args.smoke and not set(seeds) <= set(TUNING_SEEDS):
+        parser.error(f"--seeds: the sweep runs the tuning seeds {list(TUNING_SEEDS)} only, got "
+                     f"{sorted(set(seeds) - set(TUNING_SEEDS))[:5]}")
+    if not args.sweep and set(seeds) & set(TUNING_SEEDS):
+        parser.error(f"--seeds: {sorted(set(seeds) & set(TUNING_SEEDS))} are the sweep's tuning seeds, never "
+                     "used by the main grid")
+    if args.alphas is not None and not args.sweep:
+        parser.error("--alphas: only with --sweep (the grid takes its alphas from the sweep, --alphas_from)")
+    if args.alphas_from is not None and args.sweep:
+        parser.error("--alphas_from: only without --sweep")
+    alphas = PREREGISTERED_ALPHAS
+    if args.alphas is not None:
+        try:
+            alphas = tuple(sorted(set(float(a) for a in args.alphas.split(",") if a.strip())))
+        except ValueError:
+            parser.error(f"--alphas must be a comma-separated list of numbers, got {args.alphas!r}")
+        if not alphas or min(alphas) <= 0 or not all(math.isfinite(a) for a in alphas):
+            parser.error(f"--alphas must be positive numbers, got {args.alphas!r}")
     try:
-        overrides.update(parse_overrides(args.set, PPOConfig))
+        user = parse_overrides(args.set, PPOConfig)
     except ValueError as err:
         parser.error(str(err))
-    eval_steps = args.eval_steps or (32 if args.smoke else 512)
-    spec = GridSpec(envs=envs, algos=algos, seeds=seeds, preset=args.preset,
-                    workdir=args.workdir or ("runs/paper_curves_smoke" if args.smoke else "runs/paper_curves"),
-                    overrides=tuple(sorted(overrides.items())), eval_steps=eval_steps,
-                    peak_min_episodes=1 if args.smoke else args.peak_min_episodes,
-                    progress=not args.no_progress)
+    axes = [name for name in user if name in GRID_FIELDS]
+    if axes:
+        parser.error(f"--set {axes[0]}: set by the grid itself (arms, sweep alphas, seeds, envs), not by --set")
+    overrides = dict(REGIME)
+    if args.smoke:
+        overrides.update(SMOKE_OVERRIDES)
+    overrides.update(user)
+    overrides = tuple(sorted(overrides.items()))
+    if args.sweep:
+        workdir = args.workdir or (SWEEP_SMOKE_WORKDIR if args.smoke else SWEEP_WORKDIR)
+    else:
+        workdir = args.workdir or (SMOKE_WORKDIR if args.smoke else GridSpec.workdir)
+    args.out = args.out or (workdir if args.smoke else str(RESULTS_DIR))
+    progress = not args.no_progress
     try:
-        spec.config(envs[0], algos[0], seeds[0])
+        if args.sweep:
+            from benchmarks.alpha_sweep import SweepSpec
+
+            spec = SweepSpec(envs=envs, arms=arms or SWEPT_ARMS, alphas=alphas, seeds=seeds,
+                             tuning_seeds=seeds if args.smoke else TUNING_SEEDS, preset=args.preset,
+                             workdir=workdir, overrides=overrides, progress=progress, smoke=args.smoke)
+            spec.config(envs[0], spec.arms[0], alphas[0], seeds[0])
+        else:
+            eval_steps = args.eval_steps or (32 if args.smoke else 512)
+            spec = GridSpec(envs=envs, algos=arms or GRID_ARMS, seeds=seeds, preset=args.preset, workdir=workdir,
+                            overrides=overrides, eval_steps=eval_steps,
+                            peak_min_episodes=1 if args.smoke else args.peak_min_episodes, progress=progress)
+            args.default_arms = arms is None
+            arm_config(args.preset, envs[0], "none", seeds[0], None, overrides)
     except (TypeError, ValueError) as err:
         parser.error(f"bad configuration: {err}")
     return spec, args
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Runs the grid (unless --report_only) and writes the report. A user error (a busy or foreign run
-    directory, a checkpoint from other settings, a missing file) exits with status 2 and one line."""
+    """Runs the sweep (--sweep) or the grid, unless --report_only, and writes the report. A user error (a
+    busy or foreign run directory, a checkpoint or a finished run from other settings, a missing alpha
+    sweep) exits with status 2 and one line."""
     from coso_jax.rl.run import exit_on_user_error
 
     logging.basicConfig(level=logging.WARNING)
@@ -483,15 +869,42 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return exit_on_user_error(lambda: _run(spec, args), debug=args.debug)
 
 
-def _run(spec: GridSpec, args: argparse.Namespace) -> dict[str, Any]:
-    timings = None if args.report_only else run_grid(spec)["timings"]
+def _tag(args: argparse.Namespace) -> str:
     import jax
 
-    tag = args.tag or ("smoke" if args.smoke else ("cpu" if jax.devices()[0].platform == "cpu" else "gpu"))
+    return args.tag or ("smoke" if args.smoke else ("cpu" if jax.devices()[0].platform == "cpu" else "gpu"))
+
+
+def _run(spec: Any, args: argparse.Namespace) -> dict[str, Any]:
+    tag = _tag(args)
+    if args.sweep:
+        from benchmarks import alpha_sweep
+
+        return alpha_sweep.run(spec, Path(args.out), tag, report_only=args.report_only)
+    spec = with_sweep_alphas(spec, args, tag)
+    if not args.report_only:
+        for env in spec.envs:  # every arm's alpha, before anything trains
+            for arm in spec.algos:
+                spec.alpha(env, arm)
+    timings = None if args.report_only else run_grid(spec)["timings"]
     return report(spec, Path(args.out), tag, timings,
                   web_results=Path(args.web_results) if args.web_results and not args.smoke else None,
                   alfworld_results=(Path(args.alfworld_results) if args.alfworld_results and not args.smoke
                                     else None))
+
+
+def with_sweep_alphas(spec: GridSpec, args: argparse.Namespace, tag: str) -> GridSpec:
+    """The grid with the sweep's alphas (and, with the default arms, coso_soft when the sweep chose an alpha
+    for it). `--report_only` without the sweep's JSON draws the report without alphas."""
+    default = Path(SWEEP_SMOKE_WORKDIR) / "alpha_sweep_smoke.json" if args.smoke else Path(args.out) / f"alpha_sweep_{tag}.json"
+    path = Path(args.alphas_from) if args.alphas_from else default
+    if args.report_only and not path.exists():
+        return spec
+    alphas = load_alphas(path, settings_of(spec.preset, spec.overrides), smoke=args.smoke)
+    arms = spec.algos
+    if getattr(args, "default_arms", False) and any(arm == "coso_soft" for _, arm, _ in alphas):
+        arms = ("none", "entropy", "coso", "coso_soft") + tuple(a for a in GRID_ARMS if a.endswith("_x10"))
+    return dataclasses.replace(spec, algos=arms, alphas=alphas, alphas_source=str(path))
 
 
 if __name__ == "__main__":

@@ -183,8 +183,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             workdir = Path(tmp) / "run"
             if not args.sft_dir:
-                cache = Path("runs") / "sft" / f"{args.env}-diag-{config.start_fingerprint()[:10]}"
-                config = config.replace(sft_dir=str(cache))
+                # The same cache as a default run under runs/ (and `make demo` for NumberLine).
+                config = config.replace(sft_dir=str(config.start_dir(Path("runs") / "diag")))
             rows = diagnose(config, workdir, args.iterations, args.diag_alpha)
         out = Path(args.out)
         payload = {"name": name, "config": config.to_flat_dict(), "iterations": rows,

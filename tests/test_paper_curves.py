@@ -1,5 +1,5 @@
-"""benchmarks/paper_curves.py: statistics, the report from hand-made runs, and a real smoke grid that
-finishes, skips and resumes."""
+"""benchmarks/paper_curves.py and benchmarks/alpha_sweep.py: the endpoints, the bootstrap CI, the alpha
+rule, the reports from hand-made runs, and a real smoke sweep + grid that finishes, skips and resumes."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,8 @@ import math
 import numpy as np
 import pytest
 
+from benchmarks import _common
+from benchmarks import alpha_sweep as sw
 from benchmarks import paper_curves as pc
 
 
@@ -20,78 +22,342 @@ def test_mean_se_matches_numpy():
     assert all(math.isnan(v) for v in pc.mean_se([float("nan")]))
 
 
-@pytest.mark.parametrize("a, b, expected", [
-    ((0.9, 0.05), (0.5, 0.05), ">"),
-    ((0.5, 0.05), (0.9, 0.05), "<"),
-    ((0.6, 0.1), (0.5, 0.1), "~"),  # bands [0.5, 0.7] and [0.4, 0.6] overlap
-    ((float("nan"), 0.0), (0.5, 0.1), "?"),
-])
-def test_separation(a, b, expected):
-    assert pc.separation(a, b) == expected
+# --------------------------------------------------------------------------------------- bootstrap
+def _plain_bootstrap(values, resamples, seed):
+    """The percentile bootstrap written out: `resamples` draws of n indices with replacement, one row at a
+    time, the mean of each, and the 2.5 / 97.5 percentiles of those means."""
+    values = np.asarray(values, np.float64)
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    for i in range(resamples):
+        means[i] = np.mean(values[rng.integers(0, len(values), len(values))])
+    return float(np.mean(values)), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def _fake_run(spec, env, algo, seed, curve, final):
-    run_dir = spec.run_dir(env, algo, seed)
+def test_bootstrap_ci_matches_plain_numpy():
+    diffs = [0.12, -0.03, 0.25, 0.07, 0.18, 0.02, 0.09, 0.15]  # eight per-seed differences
+    got = _common.bootstrap_mean_ci(diffs)
+    want = _plain_bootstrap(diffs, 10_000, _common.BOOTSTRAP_SEED)
+    assert got == pytest.approx(want, abs=1e-12)
+    assert _common.BOOTSTRAP_RESAMPLES == 10_000
+    assert _common.bootstrap_mean_ci(diffs) == got  # seeded: reproducible
+    other = _common.bootstrap_mean_ci(diffs, seed=1)
+    assert other == pytest.approx(_plain_bootstrap(diffs, 10_000, 1), abs=1e-12) and other != got
+    # Against normal theory on a larger sample: the interval is close to mean +/- 1.96 SE.
+    sample = np.random.default_rng(0).normal(0.3, 1.0, 400)
+    mean, low, high = _common.bootstrap_mean_ci(sample)
+    se = sample.std(ddof=1) / 20.0
+    assert low == pytest.approx(mean - 1.96 * se, abs=0.2 * se)
+    assert high == pytest.approx(mean + 1.96 * se, abs=0.2 * se)
+    assert _common.bootstrap_mean_ci([0.4]) == (0.4, 0.4, 0.4)
+    assert all(math.isnan(v) for v in _common.bootstrap_mean_ci([]))
+    assert _common.bootstrap_mean_ci([0.1, float("nan"), None, 0.3])[0] == pytest.approx(0.2)
+
+
+def test_paired_difference_pairs_seeds_and_separates_only_when_the_ci_excludes_zero():
+    a = {0: 0.6, 1: 0.7, 2: 0.65, 3: 0.8, 7: 0.9}
+    b = {0: 0.5, 1: 0.55, 2: 0.6, 3: 0.6, 4: 0.1}  # seeds 4 and 7 have no pair
+    d = pc.paired_difference(a, b)
+    diffs = [0.1, 0.15, 0.05, 0.2]
+    assert d["n"] == 4 and d["per_seed"] == pytest.approx({"0": 0.1, "1": 0.15, "2": 0.05, "3": 0.2})
+    mean, low, high = _plain_bootstrap(diffs, 10_000, _common.BOOTSTRAP_SEED)
+    assert d["mean"] == pytest.approx(mean) and d["ci95"] == pytest.approx([low, high])
+    assert low > 0 and d["separated"] and d["direction"] == ">"
+    mixed = pc.paired_difference({0: 0.5, 1: 0.7, 2: 0.4}, {0: 0.6, 1: 0.5, 2: 0.45})
+    assert mixed["ci95"][0] < 0 < mixed["ci95"][1] and not mixed["separated"] and mixed["direction"] == "~"
+    assert pc.paired_difference(b, a)["direction"] == "<"
+    single = pc.paired_difference({0: 0.9}, {0: 0.1})  # one pair: its CI is a point, but no claim
+    assert single["n"] == 1 and not single["separated"]
+    nan = pc.paired_difference({0: float("nan"), 1: 0.5}, {0: 0.2, 1: 0.4})
+    assert nan["n"] == 1
+
+
+# -------------------------------------------------------------------------------------------- AUC
+def test_auc_is_the_mean_training_success_over_iterations():
+    records = [
+        {"step": 1, "env_steps": 128, "success_rate": None},  # no episode finished yet: left out
+        {"step": 2, "env_steps": 256, "success_rate": 0.2},
+        {"step": 3, "env_steps": 384, "success_rate": 0.9},  # superseded: written again after a resume
+        {"step": 3, "env_steps": 384, "success_rate": 0.5},
+        {"step": 4, "env_steps": 512, "success_rate": 0.8},
+    ]
+    assert pc.auc(records) == pytest.approx((0.2 + 0.5 + 0.8) / 3)
+    # Equally spaced iterations: the trapezoid-free area under the step curve divided by its length.
+    ys = np.array([0.2, 0.5, 0.8])
+    assert pc.auc(records) == pytest.approx(np.sum(ys * 128) / (3 * 128))
+    assert math.isnan(pc.auc([{"step": 1, "success_rate": float("nan")}, {"step": 2, "success_rate": None}]))
+    assert pc.mean_over_iterations(records, "success_rate") == pytest.approx(pc.auc(records))
+    unique = [records[0], records[1], records[3], records[4]]
+    assert pc.auc(reversed(unique)) == pytest.approx(pc.auc(records))  # step order, not file order
+
+
+# -------------------------------------------------------------------------------------- alpha rule
+def _records(table):
+    return [{"alpha": a, "seed": s, "auc": v} for (a, s), v in table.items()]
+
+
+def test_alpha_rule_picks_the_best_mean_auc_ties_to_the_smaller_alpha():
+    alphas, tuning = (0.03, 0.1, 0.3, 1.0), (100, 101)
+    aucs = {(0.03, 100): 0.40, (0.03, 101): 0.50, (0.1, 100): 0.60, (0.1, 101): 0.50,
+            (0.3, 100): 0.50, (0.3, 101): 0.60, (1.0, 100): 0.20, (1.0, 101): 0.10}
+    chosen, means = sw.choose_alpha(_records(aucs), alphas, tuning)
+    assert means == pytest.approx({0.03: 0.45, 0.1: 0.55, 0.3: 0.55, 1.0: 0.15})
+    assert chosen == 0.1  # 0.1 and 0.3 tie at 0.55: the smaller alpha
+    # Order of the records does not matter.
+    assert sw.choose_alpha(list(reversed(_records(aucs))), alphas, tuning)[0] == 0.1
+    # A clear winner.
+    assert sw.choose_alpha(_records({**aucs, (1.0, 100): 0.9, (1.0, 101): 0.9}), alphas, tuning)[0] == 1.0
+    # Every alpha tied: the smallest.
+    assert sw.choose_alpha(_records({k: 0.3 for k in aucs}), alphas, tuning)[0] == 0.03
+
+
+def test_alpha_rule_reads_only_the_tuning_seeds():
+    alphas, tuning = (0.03, 0.1), (100, 101)
+    aucs = {(0.03, 100): 0.5, (0.03, 101): 0.5, (0.1, 100): 0.4, (0.1, 101): 0.4}
+    # Grid seeds 0..7 where 0.1 would win by far: ignored.
+    other = {(0.1, s): 1.0 for s in range(8)}
+    chosen, means = sw.choose_alpha(_records(aucs) + _records(other), alphas, tuning)
+    assert chosen == 0.03 and means == pytest.approx({0.03: 0.5, 0.1: 0.4})
+    # An alpha without one tuning seed: no choice (the other seed cannot stand in for it).
+    partial = {k: v for k, v in aucs.items() if k != (0.1, 101)}
+    chosen, means = sw.choose_alpha(_records(partial) + _records({(0.1, 0): 0.9}), alphas, tuning)
+    assert chosen is None and set(means) == {0.03}
+    # A non-finite AUC is missing; alphas outside the list are ignored.
+    assert sw.choose_alpha(_records({**aucs, (0.1, 100): float("nan")}), alphas, tuning)[0] is None
+    assert sw.choose_alpha(_records({**aucs, (3.0, 100): 1.0, (3.0, 101): 1.0}), alphas, tuning)[0] == 0.03
+
+
+# ------------------------------------------------------------------------------ hand-made run dirs
+def _fake_run(run_dir, curve, final=None, invalid=0.1):
     run_dir.mkdir(parents=True)
     with open(run_dir / "metrics.jsonl", "w") as f:
         for i, (episodes, success) in enumerate(curve):
             f.write(json.dumps({"step": i + 1, "env_steps": 16 * (i + 1), "episodes": episodes,
-                                "success_rate": success}) + "\n")
-    (run_dir / "result.json").write_text(json.dumps(
-        {"env": env, "algo": algo, "seed": seed, "final_eval": {"success_rate": final},
-         "wall_s_this_invocation": 10.0}))
+                                "success_rate": success, "invalid_action_rate": invalid}) + "\n")
+    final_eval = None if final is None else {"success_rate": final, "invalid_action_rate": invalid / 2}
+    (run_dir / "result.json").write_text(json.dumps({"final_eval": final_eval, "wall_s_this_invocation": 10.0}))
 
 
-def test_report_from_hand_made_runs(tmp_path):
-    spec = pc.GridSpec(envs=("NumberLine",), algos=("none", "coso"), seeds=(0, 1, 2),
-                       workdir=str(tmp_path / "runs"), peak_min_episodes=10)
-    finals = {"none": [0.50, 0.55, 0.45], "coso": [0.90, 0.80, 0.85]}
-    for algo in spec.algos:
+def test_sweep_report_from_hand_made_runs(tmp_path):
+    spec = sw.SweepSpec(envs=("NumberLine", "Blackjack"), arms=("entropy", "coso"), alphas=(0.03, 0.1, 0.3),
+                        seeds=(100, 101), workdir=str(tmp_path / "sweep"))
+    # AUC = mean of the curve: per (arm, alpha), seed 100 / seed 101.
+    aucs = {("entropy", 0.03): (0.3, 0.5), ("entropy", 0.1): (0.6, 0.4), ("entropy", 0.3): (0.2, 0.2),
+            ("coso", 0.03): (0.1, 0.1), ("coso", 0.1): (0.3, 0.3), ("coso", 0.3): (0.5, 0.5)}
+    for env in spec.envs:
+        for (arm, alpha), per_seed in aucs.items():
+            if env == "Blackjack" and (arm, alpha) == ("coso", 0.3):
+                per_seed = per_seed[:1]  # seed 101 unfinished: Blackjack/coso gets no choice
+            for seed, value in zip((100, 101), per_seed):
+                _fake_run(spec.run_dir(env, arm, alpha, seed), [(4, value - 0.1), (4, value + 0.1)])
+        # A grid seed with a huge AUC next to the sweep's runs: the rule never reads it.
+        _fake_run(spec.run_dir(env, "entropy", 0.3, 0), [(4, 1.0)])
+    assert (tmp_path / "sweep" / "NumberLine" / "coso" / "alpha_0.03" / "seed_100" / "result.json").exists()
+
+    payload = sw.report(spec, tmp_path / "out", "t", None)
+    assert payload["chosen"] == {"NumberLine": {"entropy": 0.1, "coso": 0.3}, "Blackjack": {"entropy": 0.1}}
+    row = payload["table"]["NumberLine"]["entropy"]["alphas"]
+    assert row["0.1"]["mean_auc"] == pytest.approx(0.5) and row["0.03"]["mean_auc"] == pytest.approx(0.4)
+    assert row["0.3"]["per_seed_auc"] == pytest.approx({"100": 0.2, "101": 0.2})  # seed 0 not read
+    assert payload["table"]["Blackjack"]["coso"]["chosen_alpha"] is None
+    assert not payload["preregistered"] and payload["settings"] == pc.settings_of("tiny_cpu", pc.REGIME)
+    md = (tmp_path / "out" / "alpha_sweep_t.md").read_text()
+    assert "| NumberLine | entropy | 40.0 (2) | **50.0 (2)** | 20.0 (2) | 0.1 |" in md
+    assert "| Blackjack | coso | 10.0 (2) | 30.0 (2) | 50.0 (1) | incomplete |" in md
+    assert (tmp_path / "out" / "alpha_sweep_t.png").stat().st_size > 10_000
+
+    # The grid reads the chosen alphas back, refuses other settings and a missing file.
+    path = tmp_path / "out" / "alpha_sweep_t.json"
+    alphas = pc.load_alphas(path, pc.settings_of("tiny_cpu", pc.REGIME), smoke=False)
+    assert set(alphas) == {("NumberLine", "entropy", 0.1), ("NumberLine", "coso", 0.3), ("Blackjack", "entropy", 0.1)}
+    with pytest.raises(pc.ConfigError, match="other settings.*temperature"):
+        pc.load_alphas(path, pc.settings_of("tiny_cpu", (("sft_epochs", 3), ("temperature", 0.5))), smoke=False)
+    with pytest.raises(pc.ConfigError, match="no alpha sweep at .*--sweep --smoke"):
+        pc.load_alphas(tmp_path / "missing.json", {}, smoke=True)
+    grid = pc.GridSpec(envs=("NumberLine", "Blackjack"), alphas=alphas, alphas_source=str(path))
+    assert grid.alpha("NumberLine", "coso_x10") == pytest.approx(3.0) and grid.alpha("Blackjack", "none") is None
+    assert grid.config("NumberLine", "coso", 0).get("alpha") == 0.3
+    with pytest.raises(pc.ConfigError, match="chose no alpha for Blackjack/coso"):
+        grid.alpha("Blackjack", "coso_x10")
+
+
+def test_sweep_entropy_tie_goes_to_the_smaller_alpha_in_the_table(tmp_path):
+    spec = sw.SweepSpec(envs=("NumberLine",), arms=("entropy",), alphas=(0.1, 0.3), seeds=(100, 101),
+                        workdir=str(tmp_path / "sweep"))
+    for alpha in spec.alphas:
+        for seed in spec.seeds:
+            _fake_run(spec.run_dir("NumberLine", "entropy", alpha, seed), [(4, 0.25), (4, 0.75)])
+    payload = sw.report(spec, tmp_path / "out", "t", None)
+    assert payload["chosen"] == {"NumberLine": {"entropy": 0.1}}
+    md = (tmp_path / "out" / "alpha_sweep_t.md").read_text()
+    assert "| NumberLine | entropy | **50.0 (2)** | 50.0 (2) | 0.1 |" in md
+
+
+def test_grid_report_from_hand_made_runs(tmp_path):
+    arms = ("none", "entropy", "coso", "entropy_x10", "coso_x10")
+    alphas = (("NumberLine", "entropy", 0.1), ("NumberLine", "coso", 0.3))
+    spec = pc.GridSpec(envs=("NumberLine",), algos=arms, seeds=(0, 1, 2), workdir=str(tmp_path / "runs"),
+                       peak_min_episodes=10, alphas=alphas, alphas_source="sweep.json")
+    finals = {"none": [0.50, 0.55, 0.45], "entropy": [0.60, 0.50, 0.70], "coso": [0.90, 0.80, 0.85],
+              "entropy_x10": [0.2, 0.3, 0.1], "coso_x10": [0.4, 0.5, 0.45]}
+    for arm in arms:
         for seed in spec.seeds:
             # Iterations finish 4, 8 and 18 episodes: the first point (4 < 10 episodes so far) must
             # not count as the peak.
-            curve = [(4, 1.0), (8, 0.3 + 0.1 * seed), (18, finals[algo][seed] - 0.05)]
-            _fake_run(spec, "NumberLine", algo, seed, curve, finals[algo][seed])
+            curve = [(4, 1.0), (8, 0.3 + 0.1 * seed), (18, finals[arm][seed] - 0.05)]
+            _fake_run(spec.run_dir("NumberLine", arm, seed), curve, finals[arm][seed],
+                      invalid=0.5 if arm.endswith("x10") else 0.1)
     (tmp_path / "runs" / "sft_eval_NumberLine.json").write_text(json.dumps({"success_rate": 0.4}))
 
     payload = pc.report(spec, tmp_path / "out", "t", None)
     row = payload["table"]["NumberLine"]
-    for algo in spec.algos:
-        f = np.asarray(finals[algo])
-        assert row[algo]["final_eval"][0] == pytest.approx(f.mean())
-        assert row[algo]["final_eval"][1] == pytest.approx(f.std(ddof=1) / np.sqrt(3))
+    curve_auc = {arm: [np.mean([1.0, 0.3 + 0.1 * s, finals[arm][s] - 0.05]) for s in spec.seeds] for arm in arms}
+    for arm in arms:
+        f = np.asarray(finals[arm])
+        assert row[arm]["final_eval"][0] == pytest.approx(f.mean())
+        assert row[arm]["final_eval"][1] == pytest.approx(f.std(ddof=1) / np.sqrt(3))
+        assert row[arm]["auc"][0] == pytest.approx(np.mean(curve_auc[arm]))
         peaks = np.maximum([0.3, 0.4, 0.5], f - 0.05)
-        assert row[algo]["peak_train_window"][0] == pytest.approx(peaks.mean())
+        assert row[arm]["peak_train_window"][0] == pytest.approx(peaks.mean())
+    assert row["coso_x10"]["alpha"] == pytest.approx(3.0) and row["none"]["alpha"] is None
+    assert row["entropy_x10"]["train_invalid_action_rate"][0] == pytest.approx(0.5)
     assert row["sft_start_eval"] == 0.4
-    assert row["separation_final"] == {"coso vs none": ">"}
-    assert payload["statements"] == ["NumberLine: CoSo > none: yes"]
+
+    comparisons = payload["comparisons"]["NumberLine"]
+    assert set(comparisons) == {"coso - entropy", "coso - none"}  # no coso_soft arm in this grid
+    d = comparisons["coso - entropy"]["final"]
+    want = _plain_bootstrap(np.subtract(finals["coso"], finals["entropy"]), 10_000, _common.BOOTSTRAP_SEED)
+    assert (d["mean"], *d["ci95"]) == pytest.approx(want)
+    assert comparisons["coso - none"]["final"]["separated"]  # +0.35, +0.25, +0.40: CI excludes 0
+    auc_diffs = np.subtract(curve_auc["coso"], curve_auc["none"])
+    assert comparisons["coso - none"]["auc"]["mean"] == pytest.approx(auc_diffs.mean())
+    assert payload["statements"][0].startswith("NumberLine: coso - entropy auc: ")
+    assert "coso - none final: separated (> 0" in payload["statements"][0]
     md = (tmp_path / "out" / "paper_curves_t.md").read_text()
-    assert "| NumberLine | coso | 3 | 40.0 | 85.0 ± 2.9 |" in md
+    assert "| NumberLine | coso | 0.3 | 3 | 40.0 |" in md and "| 85.0 ± 2.9 |" in md
+    assert "| NumberLine | coso - none | final | 3 |" in md
+    assert "## Exploration: the chosen alpha and 10x" in md and "| NumberLine | coso_x10 | 3 | 3 |" in md
     assert (tmp_path / "out" / "paper_curves_t.png").stat().st_size > 10_000
-    assert json.loads((tmp_path / "out" / "paper_curves_t.json").read_text())["figure"] == "paper_curves_t.png"
+    assert (tmp_path / "out" / "paper_curves_exploration_t.png").stat().st_size > 10_000
+    written = json.loads((tmp_path / "out" / "paper_curves_t.json").read_text())
+    assert written["figure"] == "paper_curves_t.png" and written["exploration_figure"] == "paper_curves_exploration_t.png"
+    assert written["alphas"]["per_game"]["NumberLine"]["entropy_x10"] == pytest.approx(1.0)
+    assert written["bootstrap"]["resamples"] == 10_000
+
+
+def test_a_run_finished_under_other_settings_stops_the_grid(tmp_path):
+    from coso_jax.rl.run import RunError
+
+    spec = pc.GridSpec(envs=("NumberLine",), algos=("none",), seeds=(0,), workdir=str(tmp_path / "runs"))
+    (item,) = spec.items()
+    item.run_dir.mkdir(parents=True)
+    result = {"env_steps": item.config.total_env_steps, "resume_fingerprint": item.config.resume_fingerprint(),
+              "config_fields": item.config.resume_fields()}
+    (item.run_dir / "result.json").write_text(json.dumps(result))
+    assert pc._finished(item) == result
+    other = pc.arm_config("tiny_cpu", "NumberLine", "none", 0, None, (("temperature", 0.5),))
+    (item.run_dir / "result.json").write_text(json.dumps(
+        dict(result, resume_fingerprint=other.resume_fingerprint(), config_fields=other.resume_fields())))
+    with pytest.raises(RunError, match="finished under other settings.*temperature: 0.5 -> 1.0"):
+        pc._finished(item)
+    (item.run_dir / "result.json").write_text(json.dumps({"final_eval": {"success_rate": 0.5}}))  # an old grid's
+    with pytest.raises(RunError, match="settings not recorded"):
+        pc._finished(item)
 
 
 def test_bad_flags_are_clear_errors(capsys):
     for argv, message in [(["--envs=Chess"], "--envs: unknown ['Chess']"),
                           (["--seeds=a,b"], "--seeds must be"),
-                          (["--set", "nope=1"], "nope=1")]:
+                          (["--set", "nope=1"], "nope=1"),
+                          (["--set", "alpha=0.1"], "--set alpha: set by the grid itself"),
+                          (["--seeds=0,100"], "[100] are the sweep's tuning seeds"),
+                          (["--sweep", "--seeds=100,102"], "the sweep runs the tuning seeds [100, 101] only"),
+                          (["--sweep", "--arms=none"], "--arms: unknown ['none']"),
+                          (["--alphas=0.1"], "--alphas: only with --sweep"),
+                          (["--sweep", "--alphas=0,0.1"], "--alphas must be positive"),
+                          (["--sweep", "--alphas_from=x.json"], "--alphas_from: only without --sweep")]:
         with pytest.raises(SystemExit):
             pc.parse_args(argv)
-        assert message in capsys.readouterr().err
+        assert message in capsys.readouterr().err, argv
 
 
-def test_smoke_grid_finishes_skips_and_resumes(tmp_path):
-    """The real trainer, 2 tiny iterations: the first call trains, a call after losing result.json
+def test_defaults_follow_the_preregistration():
+    spec, _ = pc.parse_args([])
+    assert spec.seeds == tuple(range(8)) and spec.algos == pc.GRID_ARMS and spec.workdir == "runs/paper_curves"
+    assert dict(spec.overrides) == {"sft_epochs": 3, "temperature": 1.0}
+    sweep, args = pc.parse_args(["--sweep"])
+    assert sweep.seeds == sweep.tuning_seeds == (100, 101) and sweep.alphas == (0.03, 0.1, 0.3, 1.0)
+    assert sweep.arms == ("entropy", "coso", "coso_soft") and args.out == str(_common.RESULTS_DIR)
+    config = sweep.config("EZPoints", "coso_soft", 0.3, 100)
+    assert [config.get(k) for k in ("algo", "soft_backup", "alpha", "seed")] == ["coso", True, 0.3, 100]
+    assert (config.get("temperature"), config.get("sft_epochs")) == (1.0, 3)
+    assert sweep.run_dir("EZPoints", "coso_soft", 0.3, 100).as_posix() == \
+        "runs/paper_curves_sweep/EZPoints/coso_soft/alpha_0.3/seed_100"
+    smoke, args = pc.parse_args(["--smoke"])  # a smoke writes under its run directory, never to results/
+    assert smoke.seeds == (0,) and args.out == "runs/paper_curves_smoke"
+    assert pc.parse_args(["--sweep", "--smoke"])[0].seeds == (100,)
+
+
+def test_grid_takes_its_alphas_and_the_coso_soft_arm_from_the_sweep(tmp_path):
+    path = tmp_path / "alpha_sweep_cpu.json"
+    chosen = {"NumberLine": {"entropy": 0.1, "coso": 0.3, "coso_soft": 1.0}}
+    path.write_text(json.dumps({"settings": pc.settings_of("tiny_cpu", pc.REGIME), "chosen": chosen}))
+    spec, args = pc.parse_args(["--envs=NumberLine", f"--alphas_from={path}"])
+    spec = pc.with_sweep_alphas(spec, args, "cpu")
+    assert spec.algos == ("none", "entropy", "coso", "coso_soft", "entropy_x10", "coso_x10")
+    assert spec.alpha("NumberLine", "none") is None
+    assert [spec.alpha("NumberLine", a) for a in spec.algos[1:]] == pytest.approx([0.1, 0.3, 1.0, 1.0, 3.0])
+    soft = spec.config("NumberLine", "coso_soft", 0)
+    assert [soft.get(k) for k in ("algo", "soft_backup", "alpha", "temperature")] == ["coso", True, 1.0, 1.0]
+    spec, args = pc.parse_args(["--envs=NumberLine", "--arms=none,coso", f"--alphas_from={path}"])
+    assert pc.with_sweep_alphas(spec, args, "cpu").algos == ("none", "coso")  # explicit arms stay
+    assert pc.parse_args(["--sweep", "--seeds=100"])[0].seeds == (100,)  # a seed, not a count
+
+
+def test_grid_refuses_to_start_without_the_sweep(tmp_path, capsys):
+    argv = ["--smoke", "--envs=NumberLine", "--arms=coso", "--no_progress", f"--workdir={tmp_path / 'runs'}",
+            f"--alphas_from={tmp_path / 'none.json'}"]
+    with pytest.raises(SystemExit) as exit_info:
+        pc.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: no alpha sweep at {tmp_path / 'none.json'}")
+    assert not (tmp_path / "runs" / "NumberLine").exists()
+
+
+def test_smoke_sweep_then_grid_finishes_skips_and_resumes(tmp_path):
+    """The real trainer, 2 tiny iterations per run. The smoke sweep (1 game, 1 arm, 2 alphas, 1 seed)
+    chooses an alpha; the smoke grid runs at it: the first call trains, a call after losing result.json
     resumes from the last checkpoint (no iteration is trained twice), a third call skips the run."""
-    argv = ["--smoke", "--envs=NumberLine", "--algos=coso", "--no_progress",
-            f"--workdir={tmp_path / 'runs'}", f"--out={tmp_path / 'out'}"]
+    sweep_argv = ["--smoke", "--envs=NumberLine", "--arms=coso", "--alphas=0.03,0.1", "--no_progress",
+                  f"--workdir={tmp_path / 'sweep'}"]
+    sweep = sw.main(sweep_argv)
+    assert sweep["timings"]["runs_trained"] == 2 and sweep["smoke"] and not sweep["preregistered"]
+    means = {a: sweep["table"]["NumberLine"]["coso"]["alphas"][a]["mean_auc"] for a in ("0.03", "0.1")}
+    best = max(means.values())
+    assert sweep["chosen"] == {"NumberLine": {"coso": 0.03 if means["0.03"] >= best - 1e-9 else 0.1}}
+    for alpha in ("0.03", "0.1"):
+        result = json.loads((tmp_path / "sweep" / "NumberLine" / "coso" / f"alpha_{alpha}" / "seed_100" /
+                             "result.json").read_text())
+        assert result["alpha"] == float(alpha) and result["final_eval"] is None and 0.0 <= result["auc"] <= 1.0
+    for suffix in ("json", "md", "png"):  # a smoke writes under its work directory
+        assert (tmp_path / "sweep" / f"alpha_sweep_smoke.{suffix}").exists()
+    assert sw.main(sweep_argv + ["--report_only"])["chosen"] == sweep["chosen"]
+
+    argv = ["--smoke", "--envs=NumberLine", "--arms=coso", "--no_progress", f"--workdir={tmp_path / 'runs'}",
+            f"--alphas_from={tmp_path / 'sweep' / 'alpha_sweep_smoke.json'}"]
     first = pc.main(argv)
     assert first["timings"]["runs_trained"] == 1
     run_dir = tmp_path / "runs" / "NumberLine" / "coso" / "seed_0"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
-    assert 0.0 <= first["table"]["NumberLine"]["coso"]["final_eval"][0] <= 1.0
-    assert (tmp_path / "out" / "paper_curves_smoke.png").exists()
+    row = first["table"]["NumberLine"]["coso"]
+    assert 0.0 <= row["final_eval"][0] <= 1.0 and row["auc"][0] == pytest.approx(pc.auc(records))
+    assert row["alpha"] == sweep["chosen"]["NumberLine"]["coso"]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["alpha"], config["temperature"], config["sft_epochs"]) == (row["alpha"], 1.0, 6)  # smoke SFT size
+    assert (tmp_path / "runs" / "paper_curves_smoke.png").exists()
+    assert (tmp_path / "runs" / "paper_curves_smoke.json").exists()
 
     (run_dir / "result.json").unlink()  # as if interrupted after the last checkpoint
     second = pc.main(argv)
