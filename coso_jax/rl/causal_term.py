@@ -13,13 +13,32 @@ Adam state and its replay of valid action texts. Every iteration the classifier 
 `causal.epochs` Adam steps, each on `causal.batch` actions drawn from the replay (the reference's
 1024 actions x 2 epochs), then weighs the iteration's responses.
 
-The classifier step is a module-level `jax.jit` whose static arguments are the classifier's
-GraphDef and the learning rate, so every run of a process with the same classifier structure
-reuses one compiled program.
+The online update is one jitted program (`classifier_update`): a scan over the epochs, each
+epoch a scan over chunks of `_UPDATE_CHUNK` rows that accumulates the gradient of the batch's
+mean cross-entropy, then one Adam step. It computes what `epochs` calls of `classifier_step`
+compute (the same rows, dropout masks, learning rate and Adam state), only cheaper:
+  * the rows of all epochs are drawn from the replay on the host first (the same draws, in the
+    same order), sorted by length and cut into chunks; each chunk runs at the smallest of a few
+    static lengths (`update_buckets`) that holds its longest row, not at the padded length. The
+    classifier is pad-invariant (masked attention and mean pooling), so a row's loss and gradient
+    do not depend on its padding; only the order of the float sums over rows changes;
+  * dropout keeps each element of the padded batch's masks: jax's partitionable threefry draws
+    element i of `bernoulli(key, p, shape)` from the counter i alone, so the masks are drawn for
+    the kept (row, position) pairs only, by an unrolled threefry (XLA:CPU's lowering of
+    `jax.random` runs the 20 rounds as a 5-step loop over memory, ~5x slower);
+  * no host round trip between epochs, and one compiled program per (classifier structure,
+    learning rate, batch, length): every iteration of a run reuses it.
+Where the shortcut does not apply (another PRNG implementation, counters past 2^32, a classifier
+that is not a `CausalClassifier`) the update runs today's `classifier_step` loop.
+
+`classifier_step` and `classifier_update` are module-level `jax.jit`s whose static arguments are
+the classifier's GraphDef and the learning rate (and the update's chunking), so every run of a
+process with the same classifier structure reuses one compiled program.
 """
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -53,6 +72,214 @@ def classifier_step(graphdef: nnx.GraphDef, params: Any, opt_state: Any, tokens:
     updates, opt_state = tx.update(grads, opt_state, params)
     accuracy = jnp.mean((logits.argmax(-1) == labels).astype(jnp.float32))
     return optax.apply_updates(params, updates), opt_state, loss, accuracy
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused online update
+# ----------------------------------------------------------------------------------------------
+# Rows per forward/backward of the fused update. At tiny_cpu (1024 rows of ~34 tokens, 2 cores) 32
+# rows ran fastest: 0.39 s for both epochs without dropout vs 0.42 s (64), 0.54 s (256), 0.70 s (1024):
+# a chunk's activations stay in L2, and chunks bound the padding to the chunk's longest row.
+_UPDATE_CHUNK = 32
+# Static lengths a chunk can run at: each is one branch of the program (compile time grows with it).
+_MAX_BRANCHES = 6
+
+
+def update_buckets(max_len: int) -> tuple[int, ...]:
+    """The static lengths of the fused update for rows padded to `max_len`: multiples of a step of at
+    least 8 tokens, at most `_MAX_BRANCHES` of them, the last one `max_len` (48 -> 8, 16, ..., 48)."""
+    max_len = int(max_len)
+    per_branch = -(-max_len // _MAX_BRANCHES)
+    step = max(8, -(-per_branch // 8) * 8)
+    return tuple(sorted({min(k * step, max_len) for k in range(1, -(-max_len // step) + 1)}))
+
+
+def _rotate_left(x: jax.Array, bits: int) -> jax.Array:
+    return (x << np.uint32(bits)) | (x >> np.uint32(32 - bits))
+
+
+def threefry_bits(key: jax.Array, counts: jax.Array) -> jax.Array:
+    """uint32 bits `jax.random.bits(key, shape)` holds at the flat indices `counts` (uint32, any shape).
+
+    jax's partitionable threefry (`jax_threefry_partitionable`, the default) draws element i of a
+    shape from Threefry-2x32(key, (hi(i), lo(i))) as the xor of the two output words; `counts` < 2^32,
+    so hi = 0. The 20 rounds are unrolled here, so XLA fuses them into one elementwise loop."""
+    k1, k2 = jax.random.key_data(key)
+    ks = (k1, k2, k1 ^ k2 ^ np.uint32(0x1BD11BDA))
+    x0 = jnp.zeros_like(counts) + ks[0]
+    x1 = counts + ks[1]
+    rotations = ((13, 15, 26, 6), (17, 29, 16, 24))
+    for block in range(5):
+        for r in rotations[block % 2]:
+            x0 = x0 + x1
+            x1 = _rotate_left(x1, r) ^ x0
+        x0 = x0 + ks[(block + 1) % 3]
+        x1 = x1 + ks[(block + 2) % 3] + np.uint32(block + 1)
+    return x0 ^ x1
+
+
+def dropout_keep(key: jax.Array, counts: jax.Array, rate: float) -> jax.Array:
+    """`jax.random.bernoulli(key, 1 - rate, shape)` at the flat indices `counts` (bool, counts' shape):
+    the uniform in [0, 1) from the top 23 bits, compared with 1 - rate in float32, as jax does."""
+    bits = threefry_bits(key, counts)
+    floats = jax.lax.bitcast_convert_type((bits >> np.uint32(9)) | np.uint32(0x3F800000), jnp.float32)
+    return (floats - jnp.float32(1.0)) < jnp.float32(1.0 - rate)
+
+
+def _flat_counts(rows: jax.Array, full_shape: tuple[int, ...], sizes: tuple[int, ...]) -> jax.Array:
+    """Flat indices into an array of `full_shape` = (B, d1, ..., dk) at rows `rows` [C] and the leading
+    `sizes` = (n1, ..., nk) of the other dims: uint32 [C, n1, ..., nk]."""
+    strides = [math.prod(full_shape[i + 1:]) for i in range(len(full_shape))]
+    out = rows.astype(jnp.uint32).reshape((-1,) + (1,) * len(sizes)) * np.uint32(strides[0])
+    for dim, n in enumerate(sizes):
+        shape = [1] * (len(sizes) + 1)
+        shape[dim + 1] = n
+        out = out + (jnp.arange(n, dtype=jnp.uint32) * np.uint32(strides[dim + 1])).reshape(shape)
+    return out
+
+
+def _train_logits(model: clf.CausalClassifier, tokens: jax.Array, valid: jax.Array, rows: jax.Array,
+                  key: jax.Array, batch: int, full_len: int) -> jax.Array:
+    """`model(padded_tokens, padded_mask, dropout_key=key)[rows]` for a batch padded to [batch, full_len],
+    computed on rows `rows` [C] cut to their first L' positions (`tokens`/`valid` [C, L']).
+
+    The same function as `CausalClassifier.__call__` (and `EncoderLayer.__call__`) with dropout on:
+    each dropout mask is the padded batch's at the kept (row, position) pairs (`dropout_keep`). The
+    positions cut off are padding, which the classifier ignores."""
+    cfg = model.config
+    rate = cfg.dropout_rate
+    hidden, ffn, heads = cfg.hidden_size, cfg.ffn_size, cfg.num_heads
+
+    def dropout(x, key, full_shape):
+        if rate == 0.0:
+            return x
+        keep = dropout_keep(key, _flat_counts(rows, (batch,) + full_shape, x.shape[1:]), rate)
+        return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+    keys = list(jax.random.split(key, cfg.num_layers + 2))
+    x = dropout(model.embed(tokens, valid), keys[0], (full_len, hidden))
+    key_bias = jnp.where(valid, 0.0, clf._MASKED_SCORE).astype(x.dtype)[:, None, None, :]
+    for layer, layer_key in zip(model.layers, keys[1:-1]):
+        k_attn, k_out, k_ffn, k_ffn_out = jax.random.split(layer_key, 4)
+        q, k, v = layer.project_qkv(x)
+        scores = (q @ k.swapaxes(-1, -2)) / math.sqrt(cfg.head_dim) + key_bias
+        unnormalised = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
+        total = unnormalised.sum(axis=-1, keepdims=True)
+        attended = (dropout(unnormalised, k_attn, (heads, full_len, full_len)) @ v) / total
+        out_kernel = layer.attn_out.kernel[...].reshape(heads, cfg.head_dim, hidden)
+        attended = jnp.einsum("bhld,hdc->blc", attended, out_kernel) + layer.attn_out.bias[...]
+        x = layer.attn_norm(x + dropout(attended, k_out, (full_len, hidden)))
+        h = clf._gelu(layer.ffn_in(x), cfg.gelu_approximate)
+        h = layer.ffn_out(dropout(h, k_ffn, (full_len, ffn)))
+        x = layer.ffn_norm(x + dropout(h, k_ffn_out, (full_len, hidden)))
+    count = valid.astype(x.dtype).sum(axis=1)[..., None]
+    pooled = jnp.where(valid[..., None], x, 0.0).sum(axis=1) / jnp.maximum(count, 1.0)
+    return model.head(dropout(pooled, keys[-1], (hidden,)))
+
+
+def epoch_gradients(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, mask: jax.Array, labels: jax.Array,
+                    rows: jax.Array, branches: jax.Array, key: jax.Array, *, batch: int, buckets: tuple[int, ...],
+                    chunk: int) -> tuple[Any, jax.Array, jax.Array]:
+    """The gradient, loss and accuracy `classifier_step` computes on a padded batch [batch, L] with
+    dropout key `key`, from its rows in `plan_update`'s layout (traceable; no jit of its own).
+
+    tokens/mask [S, L] (S = chunks x chunk slots), labels/rows [S] (rows: the slot's row of the
+    padded batch, -1 for an empty slot), branches [S // chunk]: the index into `buckets` of each
+    chunk's length. Returns (grads, mean loss, accuracy) with the means over the `batch` rows."""
+    full_len = tokens.shape[-1]
+
+    def chunk_fn(length, params, tok, msk, lab, row):
+        used = row >= 0
+        row = jnp.where(used, row, 0)
+
+        def loss_fn(p):
+            logits = _train_logits(nnx.merge(graphdef, p), tok[:, :length], msk[:, :length], row, key, batch,
+                                   full_len)
+            ce = optax.softmax_cross_entropy_with_integer_labels(jnp.where(used[:, None], logits, 0.0),
+                                                                 jnp.where(used, lab, 0))
+            correct = (logits.argmax(-1) == lab).astype(jnp.float32)
+            return jnp.where(used, ce, 0.0).sum() / batch, jnp.where(used, correct, 0.0).sum() / batch
+
+        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return grads, loss, acc
+
+    branch_fns = [functools.partial(chunk_fn, length) for length in buckets]
+
+    def body(carry, xs):
+        grads, loss, acc = carry
+        chunk_grads, chunk_loss, chunk_acc = jax.lax.switch(xs[-1], branch_fns, params, *xs[:-1])
+        return (jax.tree.map(jnp.add, grads, chunk_grads), loss + chunk_loss, acc + chunk_acc), None
+
+    shaped = lambda x: x.reshape((-1, chunk) + x.shape[1:])
+    zeros = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0.0), jnp.float32(0.0))
+    (grads, loss, acc), _ = jax.lax.scan(
+        body, zeros, (shaped(tokens), shaped(mask), shaped(labels), shaped(rows), branches))
+    return grads, loss, acc
+
+
+# XLA:CPU with 512-bit vectors (AVX-512 rotates serve threefry's rounds): ~12% faster at tiny_cpu. The
+# option is a CPU code-generation setting; other backends ignore it.
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("learning_rate", "batch", "buckets", "chunk"),
+                   compiler_options={"xla_cpu_prefer_vector_width": 512})
+def classifier_update(graphdef: nnx.GraphDef, params: Any, opt_state: Any, tokens: jax.Array, mask: jax.Array,
+                      labels: jax.Array, rows: jax.Array, branches: jax.Array, key: jax.Array, *,
+                      learning_rate: float, batch: int, buckets: tuple[int, ...], chunk: int):
+    """`E` Adam steps of the classifier in one program, as `E` calls of `classifier_step`: step e on
+    padded batch e with dropout key `fold_in(key, e)`, the batches in `plan_update`'s layout
+    ([E, S, L] / [E, S] / [E, S // chunk]). Returns (params, opt_state, losses [E], accuracies [E])."""
+    tx = optax.adam(learning_rate)
+
+    def epoch(carry, xs):
+        params, opt_state = carry
+        e, tok, msk, lab, row, branch = xs
+        grads, loss, acc = epoch_gradients(graphdef, params, tok, msk, lab, row, branch, jax.random.fold_in(key, e),
+                                           batch=batch, buckets=buckets, chunk=chunk)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), (loss, acc)
+
+    (params, opt_state), (losses, accs) = jax.lax.scan(
+        epoch, (params, opt_state), (jnp.arange(tokens.shape[0]), tokens, mask, labels, rows, branches))
+    return params, opt_state, losses, accs
+
+
+def plan_update(tokens: np.ndarray, mask: np.ndarray, labels: np.ndarray, *, chunk: int,
+                buckets: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Host side of `classifier_update`: padded batches [E, B, L] -> each epoch's rows sorted by their
+    extent (last valid position + 1; longest first) into S = ceil(B / chunk) * chunk slots, each chunk's
+    length as an index into `buckets` (the smallest that holds the chunk's longest row).
+
+    Returns tokens/mask [E, S, L], labels [E, S], rows [E, S] (the slot's row of the batch, -1: empty
+    slot) and branches [E, S // chunk]."""
+    tokens, mask, labels = np.asarray(tokens), np.asarray(mask, bool), np.asarray(labels)
+    epochs, batch, length = mask.shape
+    slots = -(-batch // chunk) * chunk
+    extent = np.where(mask.any(-1), length - np.argmax(mask[..., ::-1], axis=-1), 0)
+    rows = np.full((epochs, slots), -1, np.int32)
+    rows[:, :batch] = np.argsort(-extent, axis=1, kind="stable")
+    used = rows >= 0
+    take = np.maximum(rows, 0)
+    sorted_extent = np.where(used, np.take_along_axis(extent, take, axis=1), 0)
+    need = np.maximum(sorted_extent[:, ::chunk], 1)  # a chunk's first slot holds its longest row
+    return {
+        "tokens": np.where(used[..., None], np.take_along_axis(tokens, take[..., None], axis=1), 0).astype(np.int32),
+        "mask": np.take_along_axis(mask, take[..., None], axis=1) & used[..., None],
+        "labels": np.where(used, np.take_along_axis(labels, take, axis=1), 0).astype(np.int32),
+        "rows": rows,
+        "branches": np.searchsorted(np.asarray(buckets), need).astype(np.int32),
+    }
+
+
+def fused_update_applies(classifier: clf.CausalClassifier, key: jax.Array, batch: int, max_len: int) -> bool:
+    """Whether `classifier_update` reproduces `classifier_step`'s dropout for this classifier, key and
+    batch: jax's partitionable threefry keys, flat indices of every mask below 2^32, and the
+    project's `CausalClassifier` (whose forward `_train_logits` mirrors)."""
+    if type(classifier) is not clf.CausalClassifier or not jax.config.jax_threefry_partitionable:
+        return False
+    if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) or str(jax.random.key_impl(key)) != "threefry2x32":
+        return False
+    cfg = classifier.config
+    largest = max(cfg.num_heads * max_len * max_len, max_len * cfg.ffn_size, max_len * cfg.hidden_size)
+    return batch * largest < 2 ** 32
 
 
 def pretrain_classifier(classifier: clf.CausalClassifier, tokens: np.ndarray, mask: np.ndarray, labels: np.ndarray,
@@ -116,6 +343,8 @@ class CausalTerm:
         self.params = jax.device_put(params, jax.local_devices()[0])
         self.opt_state = jax.device_put(optax.adam(config.lr).init(params), jax.local_devices()[0])
         self.replay = ActionReplay(config.replay_capacity, max_len, seed=seed)
+        self.update_buckets = update_buckets(max_len)
+        self.update_chunk = min(_UPDATE_CHUNK, -(-config.batch // 8) * 8)
         tokens, mask, labels = demonstrations
         self.replay.add(tokens, mask, labels, labels >= 0)
         self.skip_vocab = skip_token_mask(tokenizer, vocab_size=classifier.config.vocab_size)
@@ -138,22 +367,32 @@ class CausalTerm:
             self.replay.add(response_ids, response_mask, labels, np.asarray(valid) & (np.asarray(labels) >= 0))
 
     def update_classifier(self, key: jax.Array) -> dict[str, float]:
-        """`epochs` Adam steps, each on `batch` actions from the replay (coso; {} otherwise).
+        """`epochs` Adam steps, each on `batch` actions from the replay (coso; {} otherwise), as one
+        program (`classifier_update`; module docstring) with one host sync at the end.
 
         The reference accumulates gradients over minibatches of one sampled batch into one optimizer
         step; one step on the whole batch is the same update."""
-        if not self.uses_classifier:
+        if not self.uses_classifier or self.config.epochs == 0:
             return {}
-        losses, accs = [], []
-        for epoch in range(self.config.epochs):
-            tokens, mask, labels = self.replay.sample(self.config.batch)
-            self.params, self.opt_state, loss, acc = classifier_step(
-                self.graphdef, self.params, self.opt_state, tokens, mask, labels, jax.random.fold_in(key, epoch),
-                learning_rate=self.config.lr)
-            losses.append(loss)
-            accs.append(acc)
-        if not losses:
-            return {}
+        if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+            key = jax.random.wrap_key_data(key)  # a raw uint32 key
+        # Every epoch's rows first: the same draws, in the same order, as one draw per epoch.
+        samples = [self.replay.sample(self.config.batch) for _ in range(self.config.epochs)]
+        if fused_update_applies(self.classifier, key, self.config.batch, self.max_len):
+            plan = plan_update(*(np.stack(parts) for parts in zip(*samples)), chunk=self.update_chunk,
+                               buckets=self.update_buckets)
+            self.params, self.opt_state, losses, accs = classifier_update(
+                self.graphdef, self.params, self.opt_state, plan["tokens"], plan["mask"], plan["labels"], plan["rows"],
+                plan["branches"], key, learning_rate=self.config.lr, batch=self.config.batch,
+                buckets=self.update_buckets, chunk=self.update_chunk)
+        else:
+            losses, accs = [], []
+            for epoch, (tokens, mask, labels) in enumerate(samples):
+                self.params, self.opt_state, loss, acc = classifier_step(
+                    self.graphdef, self.params, self.opt_state, tokens, mask, labels, jax.random.fold_in(key, epoch),
+                    learning_rate=self.config.lr)
+                losses.append(loss)
+                accs.append(acc)
         losses, accs = jax.device_get((losses, accs))
         return {"causal/loss": float(np.mean(losses)), "causal/accuracy": float(np.mean(accs))}
 
