@@ -49,3 +49,40 @@ def test_prompt_encoder_errors(tokenizer):
         _encoder(tokenizer, 12, template="no placeholders {prompt}")
 
 
+
+
+def test_frame_cache_equals_the_image_function_and_stays_within_its_budget():
+    from coso_jax.rl.prompting import FrameCache
+
+    calls = []
+
+    def image_fn(obs):  # row-wise, with a second output
+        calls.append(len(obs))
+        return obs.astype(np.float32).transpose(0, 3, 1, 2) / 255.0, np.full((len(obs), 2), obs.shape[1], np.int32)
+
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 255, (4, 6, 6, 3), dtype=np.uint8)
+    cache = FrameCache(1 << 20)
+    batch = frames[[0, 1, 0, 2]]  # a frame twice in one batch: processed once
+    for got, want in zip(cache(image_fn, batch), image_fn(batch)):
+        np.testing.assert_array_equal(got, want)
+    assert calls[0] == 3 and len(cache) == 3
+    batch = frames[[2, 3, 1]]
+    for got, want in zip(cache(image_fn, batch), image_fn(batch)):
+        np.testing.assert_array_equal(got, want)
+    assert calls[2] == 1 and cache.hits == 3  # only the unseen frame
+    per_frame = frames[0].nbytes + image_fn(frames[:1])[0].nbytes + 8
+    small = FrameCache(2 * per_frame)  # room for two frames: the least recently used goes
+    for i in (0, 1, 2, 0):
+        small(image_fn, frames[i:i + 1])
+    assert len(small) == 2 and small.nbytes <= 2 * per_frame and small.misses == 4
+
+    def not_rowwise(obs):  # pads to the batch's size, as a batch-dependent processor would
+        return np.zeros((len(obs), len(obs)), np.float32), None
+
+    cache = FrameCache(1 << 20)
+    cache(not_rowwise, frames[:1])
+    with pytest.raises(ValueError, match="not row-wise"):
+        cache(not_rowwise, frames[:3])
+    uncached = FrameCache(0)
+    assert uncached(not_rowwise, frames[:3])[0].shape == (3, 3)

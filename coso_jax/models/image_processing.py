@@ -53,7 +53,9 @@ def to_rgb_uint8(image: Any) -> np.ndarray:
                         "convert floats with (x * 255).round().astype(np.uint8)")
     if arr.ndim == 2:
         return np.repeat(arr[:, :, None], 3, axis=2)
-    if arr.ndim == 3 and arr.shape[2] in (3, 4):
+    if arr.ndim == 3 and arr.shape[2] == 3:
+        return np.ascontiguousarray(arr)  # already RGB: PIL's convert("RGB") would return the same pixels
+    if arr.ndim == 3 and arr.shape[2] == 4:
         return np.asarray(Image.fromarray(arr).convert("RGB"))
     raise ValueError(f"images must be HWC with 1, 3 or 4 channels, got shape {arr.shape}")
 

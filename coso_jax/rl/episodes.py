@@ -245,6 +245,11 @@ class VectorRollout:
     `env_offset`: the global index of the first env (a process of a multi-process run owns envs
     env_offset .. env_offset + num_envs - 1). Env i resets with seed `seed * 100_003 + i` and parses
     invalid answers with its own RNG, so an env behaves the same whichever process steps it.
+
+    The host work of a step is cached where it repeats, with the same results: the encoder keeps each
+    prompt's padded row and each distinct frame's pixels (`PromptEncoder`, `FrameCache`), and decoding
+    keeps each token id's text. What stays on the critical path is inherent to it: step t + 1's inputs
+    come from the envs stepped with step t's parsed answers, so the sampler cannot run ahead of them.
     """
 
     def __init__(
@@ -279,6 +284,7 @@ class VectorRollout:
         self.episode_return = np.zeros(num_envs, np.float64)
         self.episode_length = np.zeros(num_envs, np.int64)
         self.total_env_steps = 0
+        self._pieces: dict[int, str] = {}  # token id -> its text alone (`token_char_offsets`' cache)
 
     # --- policy inputs -------------------------------------------------------------------------
     def prompt(self, info: dict) -> str:
@@ -291,9 +297,10 @@ class VectorRollout:
         """Texts and thought/action token masks of a batch of generated responses."""
         width = tokens.shape[1]
         texts, thought, action = [], np.zeros(tokens.shape, np.bool_), np.zeros(tokens.shape, np.bool_)
+        lengths = np.asarray(mask).sum(1)
         for row in range(tokens.shape[0]):
-            length = int(mask[row].sum())
-            text, starts, ends = token_char_offsets(self.tokenizer, tokens[row, :length])
+            length = int(lengths[row])
+            text, starts, ends = token_char_offsets(self.tokenizer, tokens[row, :length], self._pieces)
             spans = self.iface.spans(text)
             thought[row], action[row] = thought_action_masks(starts, ends, spans.action[0], length, width)
             texts.append(text)

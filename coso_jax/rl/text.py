@@ -11,16 +11,24 @@ from typing import Sequence
 import numpy as np
 
 
-def token_char_offsets(tokenizer, token_ids: Sequence[int]) -> tuple[str, np.ndarray, np.ndarray]:
+def token_char_offsets(tokenizer, token_ids: Sequence[int], pieces: dict[int, str] | None = None
+                       ) -> tuple[str, np.ndarray, np.ndarray]:
     """Decodes `token_ids` and returns `(text, starts[n], ends[n])` character offsets per token.
 
     Special tokens (EOS, pad) decode to nothing and get a zero-length span at their position.
     Byte-level BPE can split one character over several tokens; then per-token decoding does not
     concatenate to the full text and we fall back to decoding prefixes (exact, O(n^2) but rare).
+    `pieces`: a cache of single-token decodes (token id -> text) shared across calls with the same
+    tokenizer; a token decodes alone to the same text whatever surrounds it, so the result is the same.
     """
     ids = [int(t) for t in token_ids]
     text = tokenizer.decode(ids, skip_special_tokens=True)
-    pieces = [tokenizer.decode([t], skip_special_tokens=True) for t in ids]
+    if pieces is None:
+        pieces = {}
+    for t in ids:
+        if t not in pieces:
+            pieces[t] = tokenizer.decode([t], skip_special_tokens=True)
+    pieces = [pieces[t] for t in ids]
     if "".join(pieces) == text:
         lengths = np.array([len(p) for p in pieces], np.int64)
         ends = np.cumsum(lengths)
