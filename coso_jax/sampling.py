@@ -132,6 +132,52 @@ def _logprobs_and_entropies(scaled_logits: jax.Array) -> tuple[jax.Array, jax.Ar
     return logp, entropies
 
 
+@jax.custom_vjp
+def _token_logprobs_and_entropies(scaled_logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(log_softmax(s)[token], entropy(s))` of temperature-scaled logits `s` `[..., V]` (float32) and
+    token ids `[...]`: what `_logprobs_and_entropies` gives at the tokens, without a `[..., V]` array
+    of log-probs in the forward or a chain of them in the backward.
+
+    Forward: the log-sum-exp (max, then sum of exp), then the entropy -sum p log p as one fused reduction
+    of log p = s - lse. Backward (one fused pass over the vocabulary, from s, lse and H): d log p(tok) / ds
+    = onehot(tok) - p and dH / ds = -p (log p + H). -inf logits have p = 0 and contribute exactly 0
+    (selected, not multiplied) to both, as in `_logprobs_and_entropies`."""
+    return _token_logprobs_and_entropies_fwd(scaled_logits, tokens)[0]
+
+
+def _log_softmax_parts(scaled_logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(max, log-sum-exp of s - max) over the last axis, keepdims: log p = (s - max) - log_z, the same
+    arithmetic as `jax.nn.log_softmax`."""
+    top = jax.lax.stop_gradient(jnp.max(scaled_logits, axis=-1, keepdims=True))
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    return top, jnp.log(jnp.sum(jnp.exp(scaled_logits - top), axis=-1, keepdims=True))
+
+
+def _token_logprobs_and_entropies_fwd(scaled_logits, tokens):
+    top, log_z = _log_softmax_parts(scaled_logits)
+    logp = (scaled_logits - top) - log_z
+    finite = logp > -jnp.inf
+    safe = jnp.where(finite, logp, 0.0)
+    entropies = -jnp.sum(jnp.where(finite, jnp.exp(safe) * safe, 0.0), axis=-1)
+    token_logp = (jnp.take_along_axis(scaled_logits, tokens[..., None], axis=-1) - top - log_z)[..., 0]
+    return (token_logp, entropies), (scaled_logits, tokens, top, log_z, entropies)
+
+
+def _token_logprobs_and_entropies_bwd(residuals, cotangents):
+    scaled_logits, tokens, top, log_z, entropies = residuals
+    g_logp, g_entropy = cotangents
+    logp = (scaled_logits - top) - log_z
+    finite = logp > -jnp.inf
+    safe = jnp.where(finite, logp, 0.0)
+    p = jnp.where(finite, jnp.exp(safe), 0.0)
+    onehot = (jnp.arange(scaled_logits.shape[-1]) == tokens[..., None]).astype(p.dtype)
+    grad = g_logp[..., None] * (onehot - p) - g_entropy[..., None] * (p * (safe + entropies[..., None]))
+    return grad, None
+
+
+_token_logprobs_and_entropies.defvjp(_token_logprobs_and_entropies_fwd, _token_logprobs_and_entropies_bwd)
+
+
 def _categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
     """One draw per row from softmax(logits) `[B, V]` by inverse CDF (one uniform per row).
 
@@ -282,8 +328,7 @@ def score_fn(model, value_head, prompt_ids, prompt_mask, response_ids, response_
     # The logits at position t predict token t + 1: response token j is predicted at P - 1 + j.
     logits, hidden, _ = _decode_slice(model, embeds, mask, positions_from_mask(mask), p - 1, p + n - 1, **kwargs)
     scaled = logits.astype(jnp.float32) / jnp.asarray(temperature, jnp.float32)
-    logp_all, entropies = _logprobs_and_entropies(scaled)
-    logprobs = jnp.take_along_axis(logp_all, response_ids[..., None], axis=-1)[..., 0]
+    logprobs, entropies = _token_logprobs_and_entropies(scaled, response_ids)
     return ScoreOutput(
         logprobs=jnp.where(resp_mask, logprobs, 0.0),
         entropies=jnp.where(resp_mask, entropies, 0.0),

@@ -261,3 +261,41 @@ def test_models_without_logits_slice_are_supported():
     b = sampling.sample(sliced, None, ids, mask, jax.random.key(0), **kw)
     np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
     np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(b.logprobs), atol=1e-6)
+
+
+def test_fused_vocabulary_pass_matches_numpy_and_its_finite_differences():
+    """The scorer's one-pass log-prob/entropy (custom VJP) against float64 NumPy: values, and gradients
+    from central differences; banned (-inf) logits get probability 0 and exactly zero gradient."""
+    rs = np.random.RandomState(0)
+    logits = rs.normal(size=(3, 4, 11)) * 2.0
+    logits[..., 7] = -np.inf  # a banned token
+    logits[1, 2, :5] = -np.inf  # a row filtered down to a few tokens
+    tokens = rs.randint(0, 5, (3, 4))
+    tokens[1, 2] = 6
+    g_logp, g_ent = rs.normal(size=(3, 4)), rs.normal(size=(3, 4))
+
+    def objective(s):
+        z = s - s.max(-1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        p = np.exp(logp)
+        ent = -np.where(p > 0, p * np.where(p > 0, logp, 0.0), 0.0).sum(-1)
+        tok = np.take_along_axis(logp, tokens[..., None], -1)[..., 0]
+        return tok, ent, float((g_logp * tok).sum() + (g_ent * ent).sum())
+
+    want_logp, want_ent, _ = objective(logits)
+    fn = jax.jit(sampling._token_logprobs_and_entropies)
+    got_logp, got_ent = fn(jnp.asarray(logits, jnp.float32), jnp.asarray(tokens))
+    np.testing.assert_allclose(np.asarray(got_logp), want_logp, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got_ent), want_ent, rtol=1e-5, atol=1e-5)
+
+    grad = jax.jit(jax.grad(lambda s: jnp.sum(jnp.asarray(g_logp, jnp.float32) * fn(s, jnp.asarray(tokens))[0])
+                            + jnp.sum(jnp.asarray(g_ent, jnp.float32) * fn(s, jnp.asarray(tokens))[1])))
+    got = np.asarray(grad(jnp.asarray(logits, jnp.float32)))
+    assert np.isfinite(got).all() and (got[np.isinf(logits)] == 0.0).all()
+    eps, want = 1e-6, np.zeros_like(logits)
+    for idx in zip(*np.nonzero(np.isfinite(logits))):
+        up, down = logits.copy(), logits.copy()
+        up[idx] += eps
+        down[idx] -= eps
+        want[idx] = (objective(up)[2] - objective(down)[2]) / (2 * eps)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
