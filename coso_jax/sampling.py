@@ -322,8 +322,13 @@ def score_fn(model, value_head, prompt_ids, prompt_mask, response_ids, response_
     mask = jnp.concatenate([prompt_mask.astype(jnp.int32), resp_mask.astype(jnp.int32)], axis=1)
     # Masked slots are embedded (and looked up) as id 0, whatever they hold.
     response_ids = jnp.where(resp_mask, response_ids, 0).astype(jnp.int32)
-    ids = jnp.where(mask > 0, jnp.concatenate([prompt_ids, response_ids], axis=1), 0).astype(jnp.int32)
-    embeds = model.embed_inputs(ids, pixel_values=pixel_values, image_sizes=image_sizes)
+    prompt_ids = jnp.where(prompt_mask > 0, prompt_ids, 0).astype(jnp.int32)
+    # Image features go into the prompt's image tokens only. A response may hold the image token id (an
+    # under-trained policy can emit it); the sampler fed it back as a plain token embedding, so the scorer
+    # does too. Splicing over the whole sequence would count it as an image slot: a count error outside
+    # jit, and under jit every later row's features shifted by one.
+    embeds = jnp.concatenate([model.embed_inputs(prompt_ids, pixel_values=pixel_values, image_sizes=image_sizes),
+                              model.embed_inputs(response_ids)], axis=1)
     kwargs = {"remat": True} if remat else {}
     # The logits at position t predict token t + 1: response token j is predicted at P - 1 + j.
     logits, hidden, _ = _decode_slice(model, embeds, mask, positions_from_mask(mask), p - 1, p + n - 1, **kwargs)
@@ -427,6 +432,8 @@ def score(model, value_head, prompt_ids, prompt_mask, response_ids, response_mas
     Returns:
       `ScoreOutput(logprobs [B, N], entropies [B, N], values [B])`, zeros where `response_mask` is False
       (whatever `response_ids` holds there). A -inf logit contributes exactly 0 to the entropy.
+      Image features fill the prompt's image tokens only: an image token id in the response is embedded as
+      a plain token, as the sampler fed it.
     Inside your own jit/grad, call `score_fn` instead (same signature, no jit boundary).
     """
     gd, st = _split(model)

@@ -359,3 +359,32 @@ def test_decode_logits_slice_matches_the_full_logits():
     assert part.shape == (2, 2, cfg.text.vocab_size)
     np.testing.assert_allclose(np.asarray(part), np.asarray(full[:, 4:6]), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(hidden_part), np.asarray(hidden))
+
+
+def test_scorer_treats_image_tokens_in_a_response_as_plain_tokens():
+    """An under-trained policy can emit the image token: scoring such a response must neither raise nor shift
+    the other rows' image features; the reference is a forward on hand-built embeddings (features in the
+    prompt's image slots only, the response's tokens as plain embeddings)."""
+    cfg = llava.LlavaConfig.tiny()
+    model = llava.random_init(cfg, seed=2)
+    images = ip.LlavaImageProcessor.from_config(cfg)(random_images([(32, 32), (32, 32)], seed=3))
+    ids, mask = build_batch([["img", 3], [2, "img", 1]], images.num_image_tokens,
+                            length=int(images.num_image_tokens.max()) + 6)
+    ids = np.where(ids == IMAGE, cfg.image_token_id, ids)
+    response = np.array([[7, cfg.image_token_id, 9, cfg.image_token_id], [8, 10, 11, 12]], np.int32)
+    resp_mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1]], bool)
+    pixels = jnp.asarray(images.pixel_values)
+    out = sampling.score(model, None, ids, mask, response, resp_mask, pixel_values=pixels, temperature=1.0)
+
+    p = ids.shape[1]
+    prompt_embeds = model.embed_inputs(jnp.asarray(ids), pixels)
+    resp_embeds = model.language_model.embed(jnp.asarray(np.where(resp_mask, response, 0)))
+    full_mask = jnp.asarray(np.concatenate([mask, resp_mask], 1).astype(np.int32))
+    logits, _, _ = model.decode(jnp.concatenate([prompt_embeds, resp_embeds], 1), full_mask,
+                                jnp.maximum(jnp.cumsum(full_mask, 1) - 1, 0))
+    logp = np.asarray(jax.nn.log_softmax(logits[:, p - 1:-1].astype(jnp.float32)))
+    want = np.where(resp_mask, np.take_along_axis(logp, response[..., None], -1)[..., 0], 0.0)
+    np.testing.assert_allclose(np.asarray(out.logprobs), want, rtol=1e-4, atol=1e-4)
+    alone = sampling.score(model, None, ids[1:], mask[1:], response[1:], resp_mask[1:], pixel_values=pixels[1:],
+                           temperature=1.0)
+    np.testing.assert_allclose(np.asarray(out.logprobs[1]), np.asarray(alone.logprobs[0]), rtol=1e-5, atol=1e-5)
