@@ -57,66 +57,49 @@ def _check_int_power(base_bits: int, exp: int, base_is_zero: bool) -> None:
         raise FormulaError("power too large")
 
 
-def _eval_exact(node: ast.AST) -> Fraction:
-    if isinstance(node, ast.Expression):
-        return _eval_exact(node.body)
-    if isinstance(node, ast.Constant) and type(node.value) is int:
-        return Fraction(node.value)
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
-        value = _eval_exact(node.operand)
-        return value if isinstance(node.op, ast.UAdd) else -value
-    if isinstance(node, ast.BinOp):
-        left, right = _eval_exact(node.left), _eval_exact(node.right)
-        op = node.op
-        if isinstance(op, ast.Add):
-            return left + right
-        if isinstance(op, ast.Sub):
-            return left - right
-        if isinstance(op, ast.Mult):
-            return left * right
-        if isinstance(op, ast.Div):
-            if right == 0:
-                raise FormulaError("division by zero")
-            return left / right
-        if isinstance(op, ast.FloorDiv):
-            if right == 0:
-                raise FormulaError("division by zero")
-            return Fraction(left // right)
-        if isinstance(op, ast.Pow):
-            if right.denominator != 1:
-                raise FractionalPowerError(f"fractional exponent {right}")
-            exp = int(right)
-            _check_int_power(max(abs(left.numerator), left.denominator).bit_length(), exp, left == 0)
-            return left ** exp
-    raise FormulaError(f"unsupported expression element {type(node).__name__}")
+def _nonzero(divisor: Fraction) -> Fraction:
+    if divisor == 0:
+        raise FormulaError("division by zero")
+    return divisor
 
 
-def _eval_python(node: ast.AST) -> int | float | complex:
-    """Python's own arithmetic on the parsed formula (the reference's `eval`), with the integer-power caps."""
+def _exact_power(base: Fraction, exponent: Fraction) -> Fraction:
+    if exponent.denominator != 1:
+        raise FractionalPowerError(f"fractional exponent {exponent}")
+    exp = int(exponent)
+    _check_int_power(max(abs(base.numerator), base.denominator).bit_length(), exp, base == 0)
+    return base ** exp
+
+
+def _python_power(base, exponent):
+    if type(base) is int and type(exponent) is int:
+        _check_int_power(abs(base).bit_length(), exponent, base == 0)
+    return base ** exponent
+
+
+# Two arithmetics over the same expression tree: exact Fractions (the default), and Python's own numbers
+# (the reference's `eval`) for a formula with a fractional power. Each: (constant, {operator: function}).
+_EXACT = (Fraction, {
+    ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+    ast.Div: lambda a, b: a / _nonzero(b), ast.FloorDiv: lambda a, b: Fraction(a // _nonzero(b)),
+    ast.Pow: _exact_power})
+_PYTHON = (int, {
+    ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+    ast.Div: lambda a, b: a / b, ast.FloorDiv: lambda a, b: a // b, ast.Pow: _python_power})
+
+
+def _eval(node: ast.AST, arithmetic: tuple) -> Value | int:
+    """The value of a parsed formula in `arithmetic` (`_EXACT` or `_PYTHON`)."""
+    constant, operators = arithmetic
     if isinstance(node, ast.Expression):
-        return _eval_python(node.body)
+        return _eval(node.body, arithmetic)
     if isinstance(node, ast.Constant) and type(node.value) is int:
-        return node.value
+        return constant(node.value)
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
-        value = _eval_python(node.operand)
+        value = _eval(node.operand, arithmetic)
         return +value if isinstance(node.op, ast.UAdd) else -value
-    if isinstance(node, ast.BinOp):
-        left, right = _eval_python(node.left), _eval_python(node.right)
-        op = node.op
-        if isinstance(op, ast.Add):
-            return left + right
-        if isinstance(op, ast.Sub):
-            return left - right
-        if isinstance(op, ast.Mult):
-            return left * right
-        if isinstance(op, ast.Div):
-            return left / right
-        if isinstance(op, ast.FloorDiv):
-            return left // right
-        if isinstance(op, ast.Pow):
-            if type(left) is int and type(right) is int:
-                _check_int_power(abs(left).bit_length(), right, left == 0)
-            return left ** right
+    if isinstance(node, ast.BinOp) and type(node.op) in operators:
+        return operators[type(node.op)](_eval(node.left, arithmetic), _eval(node.right, arithmetic))
     raise FormulaError(f"unsupported expression element {type(node).__name__}")
 
 
@@ -150,14 +133,14 @@ def evaluate(tokens: Sequence[str], *, allow_fractional_powers: bool = False) ->
     """
     tree = _parse(tokens)
     try:
-        return _eval_exact(tree)
+        return _eval(tree, _EXACT)
     except FractionalPowerError:
         if not allow_fractional_powers:
             raise
     except (RecursionError, ZeroDivisionError, OverflowError) as exc:
         raise FormulaError(str(exc)) from exc
     try:
-        return _eval_python(tree)
+        return _eval(tree, _PYTHON)
     except (RecursionError, ArithmeticError, TypeError, ValueError) as exc:
         if isinstance(exc, FormulaError):
             raise
