@@ -40,16 +40,17 @@ BIN312 := $(VENV312)/bin
 STAMP312 := $(VENV312)/.stamp
 # No torch (the `test` extra pins a Python 3.11 CPU wheel), no alfworld (a C++ build), no browser: the
 # torch/browser-marked tests are deselected, the torch parity modules skip themselves, the alfworld modules are left out.
-# For speed, the end-to-end runs (trainer, launcher, paper grid, multi-process), two of the three remat variants,
-# one of the two sharded-update meshes and DigiRL's LLaVA family (PPO's LoRA/update tests use LLaVA) are left to `make test`.
+# For speed (CI's 25 minutes), the end-to-end runs (trainer, launcher, paper grid, multi-process, seed batch), the
+# benchmark smoke tests (memory, GPU suite), the causal term's fused-update checks, DigiRL's policy families, two of
+# the three remat variants and one of the two sharded-update meshes are left to `make test`.
 PY312_PYTEST := -q -p no:cacheprovider -m "not slow and not torch and not browser and not multiprocess" \
   $(foreach f,$(sort $(wildcard tests/test_alfworld*.py)),--ignore=$(f)) \
   --ignore=tests/test_ppo_trainer.py --ignore=tests/test_launcher.py --ignore=tests/test_paper_curves.py \
-  --ignore=tests/test_rl_causal_term.py \
+  --ignore=tests/test_rl_causal_term.py --ignore=tests/test_seed_batch.py --ignore=tests/test_memory_benchmark.py \
+  --ignore=tests/test_gpu_suite.py --ignore=tests/test_digirl_families.py \
   --deselect "tests/test_lora.py::test_remat_gives_the_same_scanned_update[full]" \
   --deselect "tests/test_lora.py::test_remat_gives_the_same_scanned_update[lora_dropout]" \
-  --deselect "tests/test_ppo_update.py::test_sharded_update_equals_single_device[data:8]" \
-  -k "not (test_digirl_families and llava)"
+  --deselect "tests/test_ppo_update.py::test_sharded_update_equals_single_device[data:8]"
 
 $(BIN312)/python:
 	@test -n "$(PYTHON312)" || { echo "no working python3.12 found: make test-py312 PYTHON312=/path/to/python3.12"; exit 1; }

@@ -142,6 +142,7 @@ def test_table_row_mean_and_se():
     assert row["average"]["success"][1] == pytest.approx(x.mean(axis=1).std(ddof=1) / math.sqrt(3))
 
 
+@pytest.mark.slow  # ~45 s; `python -m benchmarks.alfworld --compare --smoke` runs the same grid (CI time budget)
 def test_compare_smoke_trains_resumes_and_skips(game_cache):
     workdir, out = game_cache / "runs", game_cache / "out"
     argv = ["--compare", "--smoke", "--algos=none", "--no_progress", f"--workdir={workdir}", f"--out={out}"]
