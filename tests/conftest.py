@@ -38,11 +38,3 @@ def tokenizer(numberline_records):
 def rl_sft_dir(tmp_path_factory):
     """Where the tiny PPO tests cache their one SFT start (built by the first test that needs it)."""
     return tmp_path_factory.mktemp("rl_sft") / "sft"
-
-
-def pytest_collection_modifyitems(config, items):
-    """The longest modules first: under `make test` (two pytest-xdist workers taking whole files in
-    collection order) a long module collected late would run alone at the end. A stable sort: the
-    order within and among the other modules is unchanged."""
-    first = ("test_multiprocess.py", "test_memory_benchmark.py")
-    items.sort(key=lambda item: first.index(item.path.name) if item.path.name in first else len(first))
