@@ -141,21 +141,24 @@ def _timed(obj: Any, method: str, sink: dict[str, float], name: str) -> None:
     setattr(obj, method, wrapper)
 
 
+def _timed_sampler(sample, sink: dict[str, float]):
+    """`sample` that adds each call's wall time (dispatch, device, transfer to host: the call returns host
+    arrays) to sink["sampler"]."""
+    def timed(inputs, t):
+        start = time.perf_counter()
+        out = sample(inputs, t)
+        sink["sampler"] = sink.get("sampler", 0.0) + time.perf_counter() - start
+        return out
+
+    return timed
+
+
 def _timed_policy(trainer: PPOTrainer, sink: dict[str, float]) -> None:
-    """Wraps `trainer.policy_fn` so every sampler call adds its wall time (dispatch, device, transfer to
-    host: the call returns host arrays) to sink["sampler"]."""
+    """Wraps `trainer.policy_fn` so every sampler call is timed into sink["sampler"] (`_timed_sampler`)."""
     make = trainer.policy_fn
 
     def policy_fn(key):
-        sample = make(key)
-
-        def timed(inputs, t):
-            start = time.perf_counter()
-            out = sample(inputs, t)
-            sink["sampler"] = sink.get("sampler", 0.0) + time.perf_counter() - start
-            return out
-
-        return timed
+        return _timed_sampler(make(key), sink)
 
     trainer.policy_fn = policy_fn
 
@@ -180,14 +183,7 @@ def rollout_ab(trainer: PPOTrainer, repeats: int) -> dict[str, Any]:
                 rollout.encoder = cached_encoder if mode == "cached" else plain_encoder
                 rollout._pieces = cached_pieces if mode == "cached" else _NoPieceCache()
                 sink: dict[str, float] = {}
-                sample = trainer.policy_fn(jax.random.fold_in(key, i))
-
-                def timed(inputs, t, sample=sample, sink=sink):
-                    start = time.perf_counter()
-                    out = sample(inputs, t)
-                    sink["sampler"] = sink.get("sampler", 0.0) + time.perf_counter() - start
-                    return out
-
+                timed = _timed_sampler(trainer.policy_fn(jax.random.fold_in(key, i)), sink)
                 start = time.perf_counter()
                 rollout.collect(trainer.buffer, timed)
                 total = time.perf_counter() - start
