@@ -86,12 +86,25 @@ class ClassifierConfig:
         return cls(vocab_size=vocab_size, num_labels=num_labels, **sizes)
 
 
-def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+# keep(key, shape, sequence_axes, rate) -> bool mask of `shape`: which elements a dropout site keeps.
+# `sequence_axes` names the axes of `shape` that run over token positions (the others: batch, heads,
+# features), for a mask that must match another program's at other sequence lengths
+# (coso_jax.rl.causal_term's fused update). The default is jax's Bernoulli draw over `shape`.
+KeepFn = Callable[[jax.Array, tuple[int, ...], tuple[int, ...], float], jax.Array]
+
+
+def bernoulli_keep(key: jax.Array, shape: tuple[int, ...], sequence_axes: tuple[int, ...], rate: float) -> jax.Array:
+    """The default `KeepFn`: `jax.random.bernoulli(key, 1 - rate, shape)`."""
+    del sequence_axes
+    return jax.random.bernoulli(key, 1.0 - rate, shape)
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array | None, sequence_axes: tuple[int, ...],
+             keep: KeepFn = bernoulli_keep) -> jax.Array:
     """Inverted dropout; identity when ``key`` is None (inference) or rate is 0."""
     if key is None or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0.0)
+    return jnp.where(keep(key, x.shape, sequence_axes, rate), x / (1.0 - rate), 0.0)
 
 
 def _split_or_none(key: jax.Array | None, num: int):
@@ -136,11 +149,11 @@ class EncoderLayer(nnx.Module):
         return jnp.einsum("blc,cshd->sbhld", x, kernel) + bias
 
     def __call__(self, x: jax.Array, key_bias: jax.Array, dropout_key: jax.Array | None = None,
-                 *, qkv: jax.Array | None = None):
+                 *, qkv: jax.Array | None = None, keep: KeepFn = bernoulli_keep):
         """x: [B, L, H]; key_bias: [B, 1, 1, L] additive attention bias (0 or -1e9). -> [B, L, H].
 
         ``qkv``: ``self.project_qkv(x)`` when the caller already has it (the counterfactual
-        kernel assembles it from per-row and per-position tables)."""
+        kernel assembles it from per-row and per-position tables). ``keep``: the dropout masks' draw."""
         cfg = self.config
         hidden = x.shape[-1]
         keys = _split_or_none(dropout_key, 4)
@@ -151,13 +164,13 @@ class EncoderLayer(nnx.Module):
         # dropout commutes with the per-row division).
         unnormalised = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
         total = unnormalised.sum(axis=-1, keepdims=True)
-        attended = (_dropout(unnormalised, cfg.dropout_rate, keys[0]) @ v) / total
+        attended = (_dropout(unnormalised, cfg.dropout_rate, keys[0], (2, 3), keep) @ v) / total
         out_kernel = self.attn_out.kernel[...].reshape(cfg.num_heads, cfg.head_dim, hidden)
         attended = jnp.einsum("bhld,hdc->blc", attended, out_kernel) + self.attn_out.bias[...]
-        x = self.attn_norm(x + _dropout(attended, cfg.dropout_rate, keys[1]))
+        x = self.attn_norm(x + _dropout(attended, cfg.dropout_rate, keys[1], (1,), keep))
         h = _gelu(self.ffn_in(x), cfg.gelu_approximate)
-        h = self.ffn_out(_dropout(h, cfg.dropout_rate, keys[2]))
-        return self.ffn_norm(x + _dropout(h, cfg.dropout_rate, keys[3]))
+        h = self.ffn_out(_dropout(h, cfg.dropout_rate, keys[2], (1,), keep))
+        return self.ffn_norm(x + _dropout(h, cfg.dropout_rate, keys[3], (1,), keep))
 
 
 class CausalClassifier(nnx.Module):
@@ -181,15 +194,16 @@ class CausalClassifier(nnx.Module):
         self.head = nnx.Linear(config.hidden_size, config.num_labels, kernel_init=init, rngs=rngs)
 
     def __call__(self, tokens: jax.Array, mask: jax.Array,
-                 dropout_key: jax.Array | None = None) -> jax.Array:
+                 dropout_key: jax.Array | None = None, *, keep: KeepFn = bernoulli_keep) -> jax.Array:
+        """``keep``: how the dropout masks are drawn (`KeepFn`; jax's Bernoulli by default)."""
         cfg = self.config
         if tokens.ndim != 2 or mask.shape != tokens.shape:
             raise ValueError(f"CausalClassifier expects tokens [B, L] and a mask of the same shape, "
                              f"got tokens {tokens.shape} and mask {mask.shape}")
         keys = _split_or_none(dropout_key, cfg.num_layers + 2)
         valid = mask.astype(bool)
-        x = _dropout(self.embed(tokens, valid), cfg.dropout_rate, keys[0])
-        return self.encode(x, valid, keys[1:])
+        x = _dropout(self.embed(tokens, valid), cfg.dropout_rate, keys[0], (1,), keep)
+        return self.encode(x, valid, keys[1:], keep=keep)
 
     def embed(self, tokens: jax.Array, valid: jax.Array) -> jax.Array:
         """The first layer's input [B, L, H] (no dropout): LayerNorm(token + position embedding).
@@ -204,19 +218,19 @@ class CausalClassifier(nnx.Module):
         return self.embed_norm(x)
 
     def encode(self, x: jax.Array, valid: jax.Array, dropout_keys=None, *,
-               first_qkv: jax.Array | None = None) -> jax.Array:
+               first_qkv: jax.Array | None = None, keep: KeepFn = bernoulli_keep) -> jax.Array:
         """Logits [B, num_labels] from the embedded input ``x`` [B, L, H] and bool ``valid``
         [B, L]. ``dropout_keys``: num_layers + 1 keys (or None); ``first_qkv``: the first layer's
-        ``project_qkv(x)``, when the caller has it."""
+        ``project_qkv(x)``, when the caller has it; ``keep``: the dropout masks' draw."""
         cfg = self.config
         keys = [None] * (cfg.num_layers + 1) if dropout_keys is None else dropout_keys
         key_bias = jnp.where(valid, 0.0, _MASKED_SCORE).astype(x.dtype)[:, None, None, :]
         for index, (layer, key) in enumerate(zip(self.layers, keys[:-1])):
-            x = layer(x, key_bias, key, qkv=first_qkv if index == 0 else None)
+            x = layer(x, key_bias, key, qkv=first_qkv if index == 0 else None, keep=keep)
         # Masked mean pooling: padded positions never reach the logits (pad invariance).
         count = valid.astype(x.dtype).sum(axis=1)[..., None]
         pooled = jnp.where(valid[..., None], x, 0.0).sum(axis=1) / jnp.maximum(count, 1.0)
-        return self.head(_dropout(pooled, cfg.dropout_rate, keys[-1]))
+        return self.head(_dropout(pooled, cfg.dropout_rate, keys[-1], (), keep))
 
 
 def cross_entropy_loss(logits: jax.Array, labels: jax.Array,

@@ -138,43 +138,16 @@ def _flat_counts(rows: jax.Array, full_shape: tuple[int, ...], sizes: tuple[int,
     return out
 
 
-def _train_logits(model: clf.CausalClassifier, tokens: jax.Array, valid: jax.Array, rows: jax.Array,
-                  key: jax.Array, batch: int, full_len: int) -> jax.Array:
-    """`model(padded_tokens, padded_mask, dropout_key=key)[rows]` for a batch padded to [batch, full_len],
-    computed on rows `rows` [C] cut to their first L' positions (`tokens`/`valid` [C, L']).
-
-    The same function as `CausalClassifier.__call__` (and `EncoderLayer.__call__`) with dropout on:
-    each dropout mask is the padded batch's at the kept (row, position) pairs (`dropout_keep`). The
-    positions cut off are padding, which the classifier ignores."""
-    cfg = model.config
-    rate = cfg.dropout_rate
-    hidden, ffn, heads = cfg.hidden_size, cfg.ffn_size, cfg.num_heads
-
-    def dropout(x, key, full_shape):
-        if rate == 0.0:
-            return x
-        keep = dropout_keep(key, _flat_counts(rows, (batch,) + full_shape, x.shape[1:]), rate)
-        return jnp.where(keep, x / (1.0 - rate), 0.0)
-
-    keys = list(jax.random.split(key, cfg.num_layers + 2))
-    x = dropout(model.embed(tokens, valid), keys[0], (full_len, hidden))
-    key_bias = jnp.where(valid, 0.0, clf._MASKED_SCORE).astype(x.dtype)[:, None, None, :]
-    for layer, layer_key in zip(model.layers, keys[1:-1]):
-        k_attn, k_out, k_ffn, k_ffn_out = jax.random.split(layer_key, 4)
-        q, k, v = layer.project_qkv(x)
-        scores = (q @ k.swapaxes(-1, -2)) / math.sqrt(cfg.head_dim) + key_bias
-        unnormalised = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
-        total = unnormalised.sum(axis=-1, keepdims=True)
-        attended = (dropout(unnormalised, k_attn, (heads, full_len, full_len)) @ v) / total
-        out_kernel = layer.attn_out.kernel[...].reshape(heads, cfg.head_dim, hidden)
-        attended = jnp.einsum("bhld,hdc->blc", attended, out_kernel) + layer.attn_out.bias[...]
-        x = layer.attn_norm(x + dropout(attended, k_out, (full_len, hidden)))
-        h = clf._gelu(layer.ffn_in(x), cfg.gelu_approximate)
-        h = layer.ffn_out(dropout(h, k_ffn, (full_len, ffn)))
-        x = layer.ffn_norm(x + dropout(h, k_ffn_out, (full_len, hidden)))
-    count = valid.astype(x.dtype).sum(axis=1)[..., None]
-    pooled = jnp.where(valid[..., None], x, 0.0).sum(axis=1) / jnp.maximum(count, 1.0)
-    return model.head(dropout(pooled, keys[-1], (hidden,)))
+def padded_batch_keep(rows: jax.Array, batch: int, full_len: int) -> clf.KeepFn:
+    """A `classifier.KeepFn` that draws, for rows `rows` [C] cut to L' positions, the dropout masks a
+    padded batch [batch, full_len] draws with the same key (`dropout_keep` at the kept elements' flat
+    indices): the mask of shape [C, ...] is the padded batch's at those rows and at the first L' of every
+    sequence axis. Positions cut off are padding, which the classifier ignores."""
+    def keep(key: jax.Array, shape: tuple[int, ...], sequence_axes: tuple[int, ...], rate: float) -> jax.Array:
+        full = (batch,) + tuple(full_len if axis in sequence_axes else size
+                                for axis, size in enumerate(shape) if axis > 0)
+        return dropout_keep(key, _flat_counts(rows, full, shape[1:]), rate)
+    return keep
 
 
 def epoch_gradients(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, mask: jax.Array, labels: jax.Array,
@@ -193,8 +166,8 @@ def epoch_gradients(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, mask
         row = jnp.where(used, row, 0)
 
         def loss_fn(p):
-            logits = _train_logits(nnx.merge(graphdef, p), tok[:, :length], msk[:, :length], row, key, batch,
-                                   full_len)
+            logits = nnx.merge(graphdef, p)(tok[:, :length], msk[:, :length], dropout_key=key,
+                                            keep=padded_batch_keep(row, batch, full_len))
             ce = optax.softmax_cross_entropy_with_integer_labels(jnp.where(used[:, None], logits, 0.0),
                                                                  jnp.where(used, lab, 0))
             correct = (logits.argmax(-1) == lab).astype(jnp.float32)
@@ -272,7 +245,7 @@ def plan_update(tokens: np.ndarray, mask: np.ndarray, labels: np.ndarray, *, chu
 def fused_update_applies(classifier: clf.CausalClassifier, key: jax.Array, batch: int, max_len: int) -> bool:
     """Whether `classifier_update` reproduces `classifier_step`'s dropout for this classifier, key and
     batch: jax's partitionable threefry keys, flat indices of every mask below 2^32, and the
-    project's `CausalClassifier` (whose forward `_train_logits` mirrors)."""
+    project's `CausalClassifier` (whose dropout sites `padded_batch_keep` addresses)."""
     if type(classifier) is not clf.CausalClassifier or not jax.config.jax_threefry_partitionable:
         return False
     if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) or str(jax.random.key_impl(key)) != "threefry2x32":
