@@ -126,10 +126,19 @@ def _logprobs_and_entropies(scaled_logits: jax.Array) -> tuple[jax.Array, jax.Ar
     gradient finite too. A row needs at least one finite logit.
     """
     logp = jax.nn.log_softmax(scaled_logits, axis=-1)
+    return logp, _entropy(logp)
+
+
+def _finite_logp(logp: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(finite [..., V], log p with 0 at the -inf entries): what lets -inf logits contribute exactly 0."""
     finite = logp > -jnp.inf
-    safe = jnp.where(finite, logp, 0.0)
-    entropies = -jnp.sum(jnp.where(finite, jnp.exp(safe) * safe, 0.0), axis=-1)
-    return logp, entropies
+    return finite, jnp.where(finite, logp, 0.0)
+
+
+def _entropy(logp: jax.Array) -> jax.Array:
+    """-sum p log p over the last axis of log-probs `[..., V]`; -inf entries add exactly 0."""
+    finite, safe = _finite_logp(logp)
+    return -jnp.sum(jnp.where(finite, jnp.exp(safe) * safe, 0.0), axis=-1)
 
 
 @jax.custom_vjp
@@ -155,10 +164,7 @@ def _log_softmax_parts(scaled_logits: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def _token_logprobs_and_entropies_fwd(scaled_logits, tokens):
     top, log_z = _log_softmax_parts(scaled_logits)
-    logp = (scaled_logits - top) - log_z
-    finite = logp > -jnp.inf
-    safe = jnp.where(finite, logp, 0.0)
-    entropies = -jnp.sum(jnp.where(finite, jnp.exp(safe) * safe, 0.0), axis=-1)
+    entropies = _entropy((scaled_logits - top) - log_z)
     token_logp = (jnp.take_along_axis(scaled_logits, tokens[..., None], axis=-1) - top - log_z)[..., 0]
     return (token_logp, entropies), (scaled_logits, tokens, top, log_z, entropies)
 
@@ -166,9 +172,7 @@ def _token_logprobs_and_entropies_fwd(scaled_logits, tokens):
 def _token_logprobs_and_entropies_bwd(residuals, cotangents):
     scaled_logits, tokens, top, log_z, entropies = residuals
     g_logp, g_entropy = cotangents
-    logp = (scaled_logits - top) - log_z
-    finite = logp > -jnp.inf
-    safe = jnp.where(finite, logp, 0.0)
+    finite, safe = _finite_logp((scaled_logits - top) - log_z)
     p = jnp.where(finite, jnp.exp(safe), 0.0)
     onehot = (jnp.arange(scaled_logits.shape[-1]) == tokens[..., None]).astype(p.dtype)
     grad = g_logp[..., None] * (onehot - p) - g_entropy[..., None] * (p * (safe + entropies[..., None]))

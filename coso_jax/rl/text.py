@@ -23,14 +23,13 @@ def token_char_offsets(tokenizer, token_ids: Sequence[int], pieces: dict[int, st
     """
     ids = [int(t) for t in token_ids]
     text = tokenizer.decode(ids, skip_special_tokens=True)
-    if pieces is None:
-        pieces = {}
+    cache = {} if pieces is None else pieces
     for t in ids:
-        if t not in pieces:
-            pieces[t] = tokenizer.decode([t], skip_special_tokens=True)
-    pieces = [pieces[t] for t in ids]
-    if "".join(pieces) == text:
-        lengths = np.array([len(p) for p in pieces], np.int64)
+        if t not in cache:
+            cache[t] = tokenizer.decode([t], skip_special_tokens=True)
+    texts = [cache[t] for t in ids]
+    if "".join(texts) == text:
+        lengths = np.array([len(p) for p in texts], np.int64)
         ends = np.cumsum(lengths)
         starts = ends - lengths
         return text, starts, ends
