@@ -70,12 +70,11 @@ class FrameCache:
             self.nbytes -= sum(f.nbytes + sum(r.nbytes for r in rows if r is not None) for f, rows in chain)
 
     def __call__(self, fn: Callable[[np.ndarray], tuple], frames: np.ndarray) -> tuple:
-        frames = np.asarray(frames)
+        frames = np.ascontiguousarray(frames)  # so every frame is a contiguous buffer for crc32
         if self.max_bytes <= 0 or not len(frames):
             return fn(frames)
         keys, found, missing = [], [], {}  # missing: key -> [(frame index, ...)] of distinct unseen frames
         for i, frame in enumerate(frames):
-            frame = np.ascontiguousarray(frame)
             key = (frame.shape, frame.dtype.str, zlib.crc32(frame))
             keys.append(key)
             rows = self._find(key, frame)
@@ -89,7 +88,7 @@ class FrameCache:
             outputs = fn(frames[new])
             for k, i in enumerate(new):
                 rows = tuple(None if out is None else np.array(out[k]) for out in outputs)
-                self._store(keys[i], np.ascontiguousarray(frames[i]), rows)
+                self._store(keys[i], frames[i], rows)
                 found[i] = rows
             for i, rows in enumerate(found):  # repeats of a frame first seen in this batch
                 if rows is None:
