@@ -5,9 +5,12 @@ through `lax.while_loop` and sharded like any other array. All rows of a batch w
 slot (`index`): prompts are left-padded to a common length, so slot `i` of every row is the i-th
 step of the batch, and per-row validity lives in `mask`.
 
-Layout: keys/values are stored heads-major, `[layers, B, Hkv, S, Dh]`, the layout the attention
-matmuls consume (batch dims B, Hkv leading). With `[.., S, Hkv, Dh]` XLA:CPU transposes the whole
-cache every decode step (measured: per-step cost grew ~linearly with S).
+Layout: one array per layer, heads-major `[B, Hkv, S, Dh]`, the layout the attention matmuls consume
+(batch dims B, Hkv leading). With `[.., S, Hkv, Dh]` XLA:CPU transposes the whole cache every decode
+step (measured: per-step cost grew ~linearly with S). One array per layer rather than one stacked
+`[layers, ...]` array: reading layer i of a stacked array is a slice that XLA:CPU materialises, a
+copy of every layer's keys and values at every decode step (measured in the sampler's profile: 0.87
+ms of a 3.6 ms step at B=16, S=128, 4 layers); a layer's own array is read in place.
 """
 from __future__ import annotations
 
@@ -23,14 +26,14 @@ class KVCache:
     """Keys and values of every layer, with per-slot key validity and the next write slot.
 
     Attributes:
-      k: `[num_layers, B, num_kv_heads, S, head_dim]` keys (RoPE already applied).
-      v: `[num_layers, B, num_kv_heads, S, head_dim]` values.
+      k: a tuple of num_layers arrays `[B, num_kv_heads, S, head_dim]`, the keys (RoPE already applied).
+      v: a tuple of num_layers arrays `[B, num_kv_heads, S, head_dim]`, the values.
       mask: `[B, S]` bool; True where the slot holds a real (non-padding) token.
       index: int32 scalar; the slot the next `decode` call writes first.
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     mask: jax.Array
     index: jax.Array
 
@@ -42,25 +45,25 @@ class KVCache:
                             ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
             if int(value) < 1:
                 raise ValueError(f"KVCache.create: {name} must be >= 1, got {value}")
-        shape = (num_layers, batch_size, num_kv_heads, max_length, head_dim)
+        shape = (batch_size, num_kv_heads, max_length, head_dim)
         return cls(
-            k=jnp.zeros(shape, dtype),
-            v=jnp.zeros(shape, dtype),
+            k=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+            v=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
             mask=jnp.zeros((batch_size, max_length), jnp.bool_),
             index=jnp.zeros((), jnp.int32),
         )
 
     @property
     def num_layers(self) -> int:
-        return self.k.shape[0]
+        return len(self.k)
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
     @property
     def max_length(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     def check(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, new_tokens: int) -> None:
         """Raises ValueError naming the mismatch if this cache cannot take `new_tokens` more tokens.
@@ -68,11 +71,12 @@ class KVCache:
         Only static shapes are checked (the write index is traced inside jit; writes past the end are
         clamped by `dynamic_update_slice`, so callers size the cache as prompt + max_new_tokens).
         """
-        expected = (num_layers, batch_size, num_kv_heads, self.max_length, head_dim)
-        if self.k.shape != expected or self.v.shape != expected:
+        expected = (batch_size, num_kv_heads, self.max_length, head_dim)
+        shapes = {x.shape for x in self.k + self.v}
+        if len(self.k) != num_layers or len(self.v) != num_layers or shapes != {expected}:
             raise ValueError(
-                f"KVCache shape mismatch: k {self.k.shape}, v {self.v.shape}, expected "
-                f"[layers={num_layers}, batch={batch_size}, kv_heads={num_kv_heads}, S, head_dim={head_dim}]"
+                f"KVCache shape mismatch: {len(self.k)} key / {len(self.v)} value layers of shapes {sorted(shapes)}, "
+                f"expected {num_layers} layers of [batch={batch_size}, kv_heads={num_kv_heads}, S, head_dim={head_dim}]"
             )
         if self.mask.shape != (batch_size, self.max_length):
             raise ValueError(f"KVCache mask shape {self.mask.shape} != (batch={batch_size}, S={self.max_length})")
@@ -85,12 +89,15 @@ class KVCache:
         return dataclasses.replace(self, mask=mask)
 
     def update_layer(self, layer: int, k: jax.Array, v: jax.Array) -> "KVCache":
-        """Writes one layer's new keys/values `[B, Hkv, T, Dh]` at slots index..index+T-1."""
+        """Writes layer `layer`'s (a Python int) new keys/values `[B, Hkv, T, Dh]` at slots index..index+T-1."""
         zero = jnp.zeros((), jnp.int32)
-        start = (jnp.asarray(layer, jnp.int32), zero, zero, self.index, zero)
-        new_k = jax.lax.dynamic_update_slice(self.k, k[None].astype(self.k.dtype), start)
-        new_v = jax.lax.dynamic_update_slice(self.v, v[None].astype(self.v.dtype), start)
-        return dataclasses.replace(self, k=new_k, v=new_v)
+        start = (zero, zero, self.index, zero)
+
+        def write(stack, new):
+            updated = jax.lax.dynamic_update_slice(stack[layer], new.astype(stack[layer].dtype), start)
+            return stack[:layer] + (updated,) + stack[layer + 1:]
+
+        return dataclasses.replace(self, k=write(self.k, k), v=write(self.v, v))
 
     def advance(self, num_tokens: int) -> "KVCache":
         """Moves the write index past the tokens just decoded."""

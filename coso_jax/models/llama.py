@@ -198,7 +198,7 @@ class Attention(nnx.Module):
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         if cache is not None:
             cache = cache.update_layer(layer, k, v)
-            k, v = cache.k[layer], cache.v[layer]  # [B, Hkv, S, Dh]
+            k, v = cache.k[layer], cache.v[layer]  # [B, Hkv, S, Dh], read in place
         # Group query heads by their shared kv head (HF's repeat_kv order): [B, Hkv, G, T, Dh], then
         # merge (G, T) into one axis so every matmul has a single contracting dim (XLA:CPU runs
         # the backward of two-contracting-dim einsums several times slower).
