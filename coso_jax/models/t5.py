@@ -407,32 +407,38 @@ class T5Cache:
     All rows write at the same slot `index` (slot = decoder step); per-row validity is `self_mask`.
 
     Attributes:
-      self_k, self_v: `[L_dec, B, S_max, H, Dk]` decoder self-attention keys/values.
+      self_k, self_v: tuples of L_dec arrays `[B, S_max, H, Dk]`, the decoder self-attention keys/values (one
+        array per layer: a layer's slice of one stacked array is copied by XLA:CPU at every decode step, see
+        coso_jax/models/kv_cache.py).
       self_mask: `[B, S_max]` bool; True where a slot holds a real decoder token.
       index: int32 scalar; the slot the next `decode` call writes first.
-      cross_k, cross_v: `[L_dec, B, S_enc, H, Dk]` cross-attention keys/values of the encoder output.
+      cross_k, cross_v: tuples of L_dec arrays `[B, S_enc, H, Dk]`, the cross-attention keys/values of the
+        encoder output.
       encoder_mask: `[B, S_enc]` bool.
     """
 
-    self_k: jax.Array
-    self_v: jax.Array
+    self_k: tuple[jax.Array, ...]
+    self_v: tuple[jax.Array, ...]
     self_mask: jax.Array
     index: jax.Array
-    cross_k: jax.Array
-    cross_v: jax.Array
+    cross_k: tuple[jax.Array, ...]
+    cross_v: tuple[jax.Array, ...]
     encoder_mask: jax.Array
 
     @property
     def max_length(self) -> int:
-        return self.self_k.shape[2]
+        return self.self_k[0].shape[1]
 
     def write_layer(self, layer: int, k: jax.Array, v: jax.Array) -> "T5Cache":
-        """Writes one layer's new keys/values `[B, T, H, Dk]` at slots index..index+T-1."""
+        """Writes layer `layer`'s (a Python int) new keys/values `[B, T, H, Dk]` at slots index..index+T-1."""
         zero = jnp.zeros((), jnp.int32)
-        start = (jnp.asarray(layer, jnp.int32), zero, self.index, zero, zero)
-        return dataclasses.replace(
-            self, self_k=jax.lax.dynamic_update_slice(self.self_k, k[None].astype(self.self_k.dtype), start),
-            self_v=jax.lax.dynamic_update_slice(self.self_v, v[None].astype(self.self_v.dtype), start))
+        start = (zero, self.index, zero, zero)
+
+        def write(stack, new):
+            updated = jax.lax.dynamic_update_slice(stack[layer], new.astype(stack[layer].dtype), start)
+            return stack[:layer] + (updated,) + stack[layer + 1:]
+
+        return dataclasses.replace(self, self_k=write(self.self_k, k), self_v=write(self.self_v, v))
 
     def write_mask(self, new_mask: jax.Array) -> "T5Cache":
         """Records the validity `[B, T]` of the T tokens about to be decoded."""
@@ -524,12 +530,13 @@ class T5EncoderDecoder(nnx.Module):
         b = encoder_hidden.shape[0]
         dtype = dtype or cfg.dtype
         kv = [layer.cross_kv(encoder_hidden) for layer in self.decoder.layers]
-        shape = (cfg.num_decoder_layers, b, max_length, cfg.num_heads, cfg.d_kv)
+        shape = (b, max_length, cfg.num_heads, cfg.d_kv)
+        layers = range(cfg.num_decoder_layers)
         return T5Cache(
-            self_k=jnp.zeros(shape, dtype), self_v=jnp.zeros(shape, dtype),
+            self_k=tuple(jnp.zeros(shape, dtype) for _ in layers), self_v=tuple(jnp.zeros(shape, dtype) for _ in layers),
             self_mask=jnp.zeros((b, max_length), jnp.bool_), index=jnp.zeros((), jnp.int32),
-            cross_k=jnp.stack([k for k, _ in kv]).astype(dtype),
-            cross_v=jnp.stack([v for _, v in kv]).astype(dtype),
+            cross_k=tuple(k.astype(dtype) for k, _ in kv),
+            cross_v=tuple(v.astype(dtype) for _, v in kv),
             encoder_mask=encoder_mask.astype(jnp.bool_),
         )
 
@@ -572,10 +579,14 @@ class T5EncoderDecoder(nnx.Module):
             cross = [layer.cross_kv(encoder_hidden) for layer in self.decoder.layers]
             cross_mask = encoder_mask.astype(jnp.bool_)[:, None, None, :]
         else:
-            want = (cfg.num_decoder_layers, b, cache.max_length, cfg.num_heads, cfg.d_kv)
-            if cache.self_k.shape != want or cache.cross_k.shape[:2] != want[:2]:
-                raise ValueError(f"T5Cache self_k {cache.self_k.shape} / cross_k {cache.cross_k.shape} do not fit "
-                                 f"[layers={want[0]}, batch={b}, S, heads={want[3]}, d_kv={want[4]}]")
+            want = (b, cache.max_length, cfg.num_heads, cfg.d_kv)
+            self_shapes = {x.shape for x in cache.self_k + cache.self_v}
+            cross_batches = {x.shape[0] for x in cache.cross_k + cache.cross_v}
+            if (len(cache.self_k) != cfg.num_decoder_layers or len(cache.cross_k) != cfg.num_decoder_layers
+                    or self_shapes != {want} or cross_batches != {b}):
+                raise ValueError(f"T5Cache of {len(cache.self_k)} layers, self-attention shapes {sorted(self_shapes)}, "
+                                 f"cross-attention batch {sorted(cross_batches)} does not fit {cfg.num_decoder_layers} "
+                                 f"layers of [batch={b}, S, heads={want[2]}, d_kv={want[3]}]")
             if t > cache.max_length:
                 raise ValueError(f"decode of {t} tokens does not fit a T5Cache of length {cache.max_length}")
             cache = cache.write_mask(new_mask)
