@@ -11,12 +11,15 @@ Writes benchmarks/results/web_env_cpu.json. Each browser needs about 0.5 GB of m
 one CPU core: with more instances than cores the aggregate rate stops growing.
 
   python -m benchmarks.web --digirl [--seeds 0 1 2] [--online-iterations 4] [--budget-min 25]
+                            [--prompt-elements K] [--no-start-eval]
 
 The device-control comparison: DigiRL off2on (tiny_cpu preset) with algo none, entropy and coso on
 the general suite, seeds interleaved (seed 0 of every algo, then seed 1, ...), all in one process so
 the jitted steps compile once. Each run: the shared behaviour-cloned start (built once, cached in
 --workdir), the offline stage, `--online-iterations` online iterations, then success on the suite's
-first `--eval-episodes` fixed test episodes. Also times one critic update for a separate critic
+first `--eval-episodes` fixed test episodes. The start itself (before any RL) is evaluated once on
+the same test episodes (`start_test`, with the first run's evaluation seed). `--prompt-elements K`
+overrides the preset's tap targets in the prompt (0: screenshot only). Also times one critic update for a separate critic
 encoder vs heads on the shared policy trunk (`critic_timing`). A run that would start after
 `--budget-min` is skipped and listed as such. Writes benchmarks/results/web_digirl_cpu.json and
 web_digirl_cpu.png.
@@ -154,7 +157,9 @@ def run_digirl(args: argparse.Namespace) -> None:
     workdir = os.path.abspath(args.workdir)
     overrides = dict(online_iterations=args.online_iterations, eval_episodes=args.eval_episodes,
                      sft_dir=os.path.join(workdir, "sft"), progress=False)
-    runs, skipped, critic = [], [], None
+    if args.prompt_elements is not None:
+        overrides["prompt_elements"] = args.prompt_elements
+    runs, skipped, critic, start_test = [], [], None, None
     probe = digirl_preset("tiny_cpu", env="web/general", **overrides)
     start_cached = os.path.exists(os.path.join(probe.sft.dir, "summary.json"))  # built before this run's clock
     durations: list[float] = []
@@ -173,8 +178,15 @@ def run_digirl(args: argparse.Namespace) -> None:
             trainer = DigiRLTrainer(cfg, run_dir)
             try:
                 setup_s = time.perf_counter() - t0
+                start_eval_s = 0.0
+                if start_test is None and args.start_eval:  # the shared start, before any RL
+                    start_test = trainer.evaluate()
+                    start_eval_s = time.perf_counter() - t0 - setup_s
+                    start_test.update(seconds=start_eval_s, eval_seed_of=f"{algo} seed {seed}")
+                    print(f"start (before RL): test success {start_test['success_rate']:.3f} "
+                          f"({start_test['episodes']} episodes)", flush=True)
                 history = trainer.train()
-                train_s = time.perf_counter() - t0 - setup_s
+                train_s = time.perf_counter() - t0 - setup_s - start_eval_s
                 result = trainer.evaluate()
                 if critic is None and args.critic_timing:
                     critic = {trunk: critic_timing(trainer, trunk) for trunk in ("separate", "shared")}
@@ -213,6 +225,7 @@ def run_digirl(args: argparse.Namespace) -> None:
         "config": {k: v for k, v in cfg.to_flat_dict().items() if k not in ("algo", "seed", "sft_dir")},
         "start": start_summary if runs else None,
         "start_was_cached": start_cached,
+        "start_test": start_test,
         "summary": summary,
         "runs": runs,
         "skipped": skipped,
@@ -276,6 +289,10 @@ def main() -> None:
     parser.add_argument("--eval-episodes", type=int, default=16)
     parser.add_argument("--budget-min", type=float, default=25.0)
     parser.add_argument("--critic-timing", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--prompt-elements", type=int, default=None,
+                        help="tap targets listed in the prompt (default: the tiny_cpu preset's; 0: none)")
+    parser.add_argument("--start-eval", action=argparse.BooleanOptionalAction, default=True,
+                        help="evaluate the start on the test episodes before any RL")
     parser.add_argument("--workdir", default="runs/bench_web_digirl")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors (also COSO_DEBUG=1)")
     args = parser.parse_args()

@@ -196,9 +196,11 @@ START_FINGERPRINTS_D792E9A = [
     ("ppo", "tiny_cpu", dict(env="EZPoints", algo="entropy", seed=3), "09f4ded147b1617f"),
     ("ppo", "tiny_cpu", dict(env="ALFWorld", alfworld_task_type="pick"), "0f093a8fa6b7bddc"),
     ("ppo", "tiny_cpu", dict(env="Blackjack", sft_dir="/x", causal_chunk_size=64), "fd239ba659f307ea"),
-    ("digirl", "tiny_cpu", {}, "04d69e024aa0c721"),
+    # tiny_cpu lists the page's tap targets in the prompt since issue #20 (prompt_elements=8); with the
+    # option off its starts are the ones written then.
+    ("digirl", "tiny_cpu", dict(prompt_elements=0), "04d69e024aa0c721"),
     ("digirl", "paper", {}, "c958e1f5eb384577"),
-    ("digirl", "tiny_cpu", dict(algo="none", tasks=["click-button"]), "d8ba55a8ccb9d008"),
+    ("digirl", "tiny_cpu", dict(algo="none", tasks=["click-button"], prompt_elements=0), "d8ba55a8ccb9d008"),
 ]
 
 

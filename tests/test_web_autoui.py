@@ -1,6 +1,7 @@
 """AutoUI parser, text interface, browser-command mapping and env logic (no browser needed)."""
 from __future__ import annotations
 
+import re
 import string
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from coso_jax.envs.base import InvalidActionPolicy
 from coso_jax.envs.web import ENV_IDS, env_id, get_suite, task_spec, text_interface
 from coso_jax.envs.web.autoui import (
     DECISION_KEY,
+    TARGET_LABEL_CHARS,
     ActionType,
     AutoUIAction,
     BrowserCommand,
@@ -22,6 +24,7 @@ from coso_jax.envs.web.autoui import (
     format_answer,
     format_autoui,
     parse_autoui,
+    tap_targets,
     to_browser_commands,
 )
 from coso_jax.envs.web.browser import BrowserConfig, BrowserCrashedError, PageState
@@ -361,3 +364,175 @@ def test_suite_splits():
         task, seed = suite.sample_train(np.random.default_rng(0))
         assert (task, seed) in set(train)
     assert get_suite("web/general").horizon == 10 and get_suite("shopping").horizon == 20
+
+
+# -- tap targets in the prompt (the page's clickable elements) -------------------------------------
+
+
+def _el(ref, parent, tag, text="", left=0.0, top=0.0, width=0.0, height=0.0, ident="", classes=""):
+    """A flattened-DOM element as miniwob writes it (positions as 1-element arrays)."""
+    a = lambda v: np.asarray([v], np.float32)  # noqa: E731
+    return {"ref": ref, "parent": parent, "tag": tag, "text": text, "id": ident, "classes": classes,
+            "left": a(left), "top": a(top), "width": a(width), "height": a(height), "value": "",
+            "flags": np.zeros(4, np.int8)}
+
+
+# A click-button / click-option / click-dialog / click-link mix; the elements a prompt should list, in order.
+DOM = (
+    _el(1, 0, "body", width=800, height=210), _el(2, 1, "div", width=160, height=210, ident="wrap"),
+    _el(3, 2, "input_text", left=2, top=63, width=60, height=21),
+    _el(4, 2, "button", "previous", left=2, top=84, width=66.39, height=21),
+    _el(5, 2, "label", left=2, top=59, width=41.4, height=11),
+    _el(6, 5, "input_radio", left=7, top=55, width=20, height=13, ident="ch0"),
+    _el(-5, 5, "t", "8ai", left=30, top=59, width=13.4, height=11),
+    _el(7, 2, "button", "", left=116, top=94.5, width=20, height=20, classes="ui-dialog-titlebar-close"),
+    _el(8, 7, "span", "", left=118, top=96.5, width=16, height=16, classes="ui-icon"),  # inside the button
+    _el(-2, 7, "t", "Close", left=-4886.3, top=99, width=25.6, height=11),
+    _el(9, 2, "span", "pretium", left=84.27, top=74, width=33.36, height=11, classes="alink"),
+    _el(10, 2, "button", "hidden", left=2, top=150, width=0, height=0),      # not rendered
+    _el(11, 2, "button", "far right", left=170, top=150, width=30, height=20),  # off the task screen
+    _el(12, 2, "button", "No", left=2, top=148, width=33.05, height=21),
+    _el(13, 2, "a", "Tab #3", left=95, top=58, width=40.03, height=23, ident="ui-id-3"),
+)
+LISTED = [(3, "textbox"), (4, "previous"), (6, "8ai"), (7, "Close"), (9, "pretium"), (12, "No"), (13, "Tab #3")]
+_TAP_RE = re.compile(r"([^;]+?) \[(\d\.\d\d), (\d\.\d\d)\]")
+
+
+def _listed(prompt: str) -> list[tuple[str, float, float]]:
+    """(label, x, y) of the prompt's `Tap:` line, read with a regex (not with the formatting code)."""
+    line = next(ln for ln in prompt.splitlines() if ln.startswith(("Tap: ", "Tap targets")))
+    line = line.split(": ", 1)[1]
+    return [(m.group(1).strip(), float(m.group(3)), float(m.group(2))) for m in _TAP_RE.finditer(line)]
+
+
+def _box(ref):
+    e = next(e for e in DOM if e["ref"] == ref)
+    return tuple(float(e[k][0]) for k in ("left", "top", "width", "height"))
+
+
+@pytest.mark.parametrize("brief", [True, False])
+def test_prompt_tap_targets_hit_their_elements(brief):
+    iface = text_interface()
+    info = {"goal": 'Click on the "No" button.', "history": [], "step": 0, "horizon": 5,
+            "elements": tap_targets(DOM)}
+    listed = _listed(iface.prompt(info, brief=brief, elements=8))
+    assert [label for label, _, _ in listed] == [label for _, label in LISTED]
+    for (label, x, y), (ref, _) in zip(listed, LISTED):
+        left, top, width, height = _box(ref)
+        (click,) = to_browser_commands(AutoUIAction.tap(x, y))   # what the env executes for that tap
+        assert click.kind is CommandKind.CLICK
+        assert left < click.x < left + width and top < click.y < top + height, (label, x, y, _box(ref))
+    # only the first K are listed
+    assert [lb for lb, _, _ in _listed(iface.prompt(info, brief=brief, elements=2))] == ["textbox", "previous"]
+
+
+def test_prompt_length_is_bounded_with_many_elements():
+    iface = text_interface()
+    many = tuple(_el(100 + i, 2, "button", f"a very long button label number {i}", left=1 + (i % 8) * 19,
+                     top=60 + (i // 8) * 12, width=18, height=11) for i in range(64))
+    info = {"goal": "Click on the button.", "history": ["tap at [0.50, 0.50]"], "elements": tap_targets(many)}
+    assert len(info["elements"]) == 64
+    k = 8
+    base = iface.prompt(dict(info, elements=()), brief=True, elements=k)   # "Tap: none"
+    p = iface.prompt(info, brief=True, elements=k)
+    listed = _listed(p)
+    assert len(listed) == k and all(len(label) <= TARGET_LABEL_CHARS for label, _, _ in listed)
+    per_target = TARGET_LABEL_CHARS + len(" [0.00, 0.00]") + len("; ")
+    assert len(p) <= len(base) - len("none") + k * per_target
+    for (label, x, y), e in zip(listed, many):                        # the DOM's own boxes
+        left, top, width, height = (float(e[k][0]) for k in ("left", "top", "width", "height"))
+        assert e["text"].startswith(label) and left < x * 160 < left + width and top < y * 210 < top + height
+
+
+def test_prompt_without_targets_is_unchanged():
+    """elements=0 gives exactly the prompts written before tap targets existed (targets in the info or not)."""
+    iface = text_interface()
+    info = {"goal": 'Click on the "OK" button.', "history": ["tap at [0.50, 0.50]"], "step": 1, "horizon": 10}
+    with_targets = dict(info, elements=tap_targets(DOM))
+    assert iface.prompt(with_targets, brief=True) == 'Task: Click on the "OK" button.\nDone: tap at [0.50, 0.50]'
+    assert iface.prompt(with_targets, brief=True, elements=0) == iface.prompt(info, brief=True)
+    for cot in (True, False):
+        assert iface.prompt(with_targets, cot=cot, elements=0) == iface.prompt(info, cot=cot)
+    full = iface.prompt(info)
+    assert full.splitlines()[:4] == [
+        "You operate a web page on a small touch screen. The screenshot shows the page; the yellow banner at "
+        "its top states the task.", 'Task: Click on the "OK" button.', "Actions so far: 1. tap at [0.50, 0.50]",
+        "This is step 2 of at most 10."] and "Tap" not in full
+    with pytest.raises(ValueError, match="observe_elements=True"):
+        iface.prompt(info, brief=True, elements=4)
+
+
+def test_listed_tap_moves_solver_taps_onto_the_prompt_points():
+    from coso_jax.rl.digirl.web import listed_tap
+
+    targets = tap_targets(DOM)
+    left, top, width, height = _box(12)                               # the "No" button
+    solver = AutoUIAction.tap(round((left + width / 2) / 160, 4), round((top + height / 2) / 210, 4))
+    moved = listed_tap(solver, targets, 8)
+    listed = {label: (x, y) for label, x, y in _listed(text_interface().prompt(
+        {"goal": "g", "history": [], "elements": targets}, brief=True, elements=8))}
+    assert moved.touch_point == moved.lift_point == listed["No"]
+    assert listed_tap(solver, targets, 5) == solver                   # "No" is not among the first 5
+    assert listed_tap(solver, targets, 0) == solver
+    typed = AutoUIAction.type("x")
+    assert listed_tap(typed, targets, 8) is typed
+    corner = AutoUIAction.tap(0.99, 0.99)
+    assert listed_tap(corner, targets, 8) == corner
+
+
+class ElementPage(FakePage):
+    """FakePage with its target button in the DOM (box 70..90 x 90..110 CSS px: a click inside solves it)."""
+
+    DOM = (_el(1, 0, "body", width=800, height=210),
+           _el(2, 1, "button", "Go", left=70, top=90, width=20, height=20),
+           _el(3, 1, "button", "Stop", left=20, top=150, width=30, height=20))
+
+    def reset(self, seed):
+        self.done, self.raw = False, 0.0
+        return PageState(utterance='Click on the "Go" button.', fields=(("target", "Go"),), dom=self.DOM)
+
+    def page(self):
+        return PageState('Click on the "Go" button.', (("target", "Go"),), self.DOM)
+
+
+def test_env_observes_elements_and_the_listed_point_solves_the_task():
+    from coso_jax.rl.digirl.web import PromptBuilder
+
+    env = WebControlEnv("click-button", horizon=3, backend_factory=ElementPage, observe_elements=True)
+    _, info = env.reset(seed=0)
+    assert [t.label for t in info["elements"]] == ["Go", "Stop"]
+    prompt = PromptBuilder(cot=True, brief=True, history_actions=2, elements=8)(info)
+    (label, x, y), _ = _listed(prompt)
+    assert label == "Go"
+    _, r, term, _, info = env.step(AutoUIAction.tap(0.01, 0.3))       # a miss that does not end the episode
+    assert (r, term) == (0.0, False) and [t.label for t in info["elements"]] == ["Go", "Stop"]
+    _, r, term, _, info = env.step(format_answer("tap Go", AutoUIAction.tap(x, y)))
+    assert (r, term) == (1.0, True) and info["elements"] == ()
+    env.close()
+    plain = _fake_env()
+    _, info = plain.reset(seed=0)
+    assert "elements" not in info
+    plain.close()
+
+
+class _Encoder:
+    """Stands in for a PromptEncoder: a prompt of more than `prompt_len` characters does not fit."""
+
+    def __init__(self, prompt_len):
+        self.prompt_len = prompt_len
+
+    def token_ids(self, prompt):
+        if len(prompt) > self.prompt_len:
+            raise ValueError("too long")
+        return list(prompt)
+
+
+def test_prompt_builder_trims_history_then_names_the_fix():
+    from coso_jax.rl.digirl.web import PromptBuilder
+
+    info = {"goal": "Click on the button.", "history": ['type "' + "x" * 40 + '"'], "elements": tap_targets(DOM)}
+    alone = PromptBuilder(True, True, 2, elements=8)(dict(info, history=[]))
+    builder = PromptBuilder(True, True, 2, _Encoder(len(alone)), elements=8)
+    assert builder(info) == alone                                      # the earlier action goes first
+    with pytest.raises(ValueError, match="raise prompt_margin or lower prompt_elements"):
+        PromptBuilder(True, True, 2, _Encoder(len(alone) - 1), elements=8)(info)

@@ -97,3 +97,27 @@ def test_no_orphans_after_sigkill_or_exception():
             pids = b.pids
             _ = 1 / 0
     assert _wait_dead(pids) == []
+
+
+def test_listed_tap_targets_solve_the_general_tasks():
+    """On real pages, the solver's taps moved onto the points the prompt lists (`listed_tap`, K = 8)
+    land on their elements: every general task is solved, and every solver tap was a listed target."""
+    from coso_jax.envs.web import BrowserConfig, get_suite
+    from coso_jax.envs.web.solvers import solve
+    from coso_jax.rl.digirl.web import listed_tap
+
+    for task in get_suite("general").task_names:
+        env = make(task, config=BrowserConfig(scale_factor=1), observe_elements=True)
+        try:
+            _, info = env.reset(seed=7)
+            for _ in range(env.unwrapped.horizon):
+                _, action = solve(task, env.unwrapped.page())
+                moved = listed_tap(action, info["elements"], 8)
+                if action.is_tap:
+                    assert moved != action or moved.touch_point in [t.point for t in info["elements"][:8]], task
+                _, r, term, trunc, info = env.step(moved)
+                if term or trunc:
+                    break
+            assert r == 1.0, f"{task}: {info['history']}"
+        finally:
+            env.close()

@@ -28,6 +28,14 @@ Mapping to the browser (`to_browser_commands`, MiniWoB's 160x210 CSS-px task scr
   outside the printable range are dropped so text can never inject WebDriver key codes).
 - PRESS_ENTER -> the Enter key. PRESS_BACK / PRESS_HOME / Idle -> nothing (a task is one page).
 - STATUS_TASK_COMPLETE / TASK_IMPOSSIBLE -> nothing; the env ends the episode.
+
+Tap targets in the prompt (`tap_targets`, `AutoUIText.prompt(..., elements=K)`): a tiny policy
+cannot read a click target off a 64-px screenshot, so the prompt can list the page's clickable
+elements (at most K, in DOM order), each as its label (visible text, the text of a radio button's or
+checkbox's label, or "textbox"; at most `TARGET_LABEL_CHARS` characters) and the point to tap, in the
+action space's `[y, x]` fractions rounded to 2 decimals, chosen so that tapping it lands inside the
+element's box. The env puts the targets in `info["elements"]` when built with
+`observe_elements=True`.
 """
 from __future__ import annotations
 
@@ -55,12 +63,16 @@ __all__ = [
     "format_autoui",
     "decision_spans",
     "to_browser_commands",
+    "TapTarget",
+    "tap_targets",
+    "TARGET_LABEL_CHARS",
 ]
 
 DECISION_KEY = "Action Decision:"
 TAP_DISTANCE = 0.04
 TYPE_MAX_CHARS = 64
 NO_POINT = "[-1.0, -1.0]"
+TARGET_LABEL_CHARS = 16  # longest label of a tap target in the prompt
 _DECISION_RE = re.compile(re.escape(DECISION_KEY), re.IGNORECASE | re.ASCII)
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _TYPE_RE = re.compile(r'"action_type"\s*:\s*"?\s*([A-Za-z_]+)', re.ASCII)
@@ -284,6 +296,91 @@ def to_browser_commands(action: AutoUIAction, *, width: float = 160.0, height: f
 
 
 # --------------------------------------------------------------------------------------------
+# Tap targets (the page's clickable elements, for the prompt).
+
+_TARGET_TAGS = frozenset({"button", "a", "select", "textarea", "input_text", "input_password", "input_radio",
+                          "input_checkbox", "input_number", "input_email", "input_search", "input_tel",
+                          "input_url", "input_date", "input_time"})
+_TARGET_CLASSES = frozenset({"alink", "ui-menu-item-wrapper", "search-title"})
+_LABEL_DROP = re.compile(r"[\[\];\s]+")
+
+
+@dataclasses.dataclass(frozen=True)
+class TapTarget:
+    """One clickable element: its prompt label, the point the prompt gives for it ((x, y) fractions on
+    the 0.01 grid, inside the element), and its box (left, top, width, height) in CSS px."""
+
+    label: str
+    point: tuple[float, float]
+    box: tuple[float, float, float, float]
+
+    def text(self) -> str:
+        """`label [y, x]` as the prompt lists it (AutoUI's [y, x] order)."""
+        return f"{self.label} [{self.point[1]:.2f}, {self.point[0]:.2f}]"
+
+
+def _num(e: Mapping[str, Any], key: str) -> float:
+    return float(np.asarray(e.get(key, 0.0), np.float64).reshape(-1)[0])
+
+
+def _grid_point(lo: float, size: float, extent: float) -> float | None:
+    """A fraction on the 0.01 grid whose pixel lies strictly inside (lo, lo + size): the rounded centre
+    when it does, else the grid point on either side of the centre; None for a sliver between grid lines."""
+    centre = (lo + size / 2.0) / extent
+    for q in (round(centre, 2), math.floor(centre * 100) / 100, math.ceil(centre * 100) / 100):
+        if 0.0 <= q <= 1.0 and lo < q * extent < lo + size:
+            return round(q, 2)
+    return None
+
+
+def _label(e: Mapping[str, Any], dom: Sequence[Mapping[str, Any]]) -> str:
+    tag = str(e.get("tag", ""))
+    text = str(e.get("text") or "")
+    if not text.strip():  # a button's text lives in its child text nodes (dialog close: "Close")
+        text = " ".join(str(c.get("text") or "") for c in dom if c.get("parent") == e.get("ref") and c.get("tag") == "t")
+    if not text.strip() and tag in ("input_radio", "input_checkbox"):  # the label's text is a sibling
+        text = " ".join(str(c.get("text") or "") for c in dom
+                        if c.get("parent") == e.get("parent") and c.get("tag") == "t")
+    if not text.strip() and (tag.startswith("input_") or tag == "textarea"):
+        ident = str(e.get("id") or "")
+        text = ident if len(ident) >= 4 else "textbox"
+    text = _LABEL_DROP.sub(" ", text).strip() or tag
+    return text[:TARGET_LABEL_CHARS].strip()
+
+
+def tap_targets(dom: Sequence[Mapping[str, Any]], *, width: float = 160.0,
+                height: float = 210.0) -> tuple[TapTarget, ...]:
+    """The clickable elements of a flattened MiniWoB DOM (buttons, links, form fields, menu items), in
+    DOM order, that are visible on the `width` x `height` task screen; an element inside another target
+    (a button's icon) is not listed again. See the module docstring."""
+    refs = set()
+    out = []
+    for e in dom:
+        tag = str(e.get("tag", ""))
+        classes = set(str(e.get("classes") or "").split())
+        if tag not in _TARGET_TAGS and not classes & _TARGET_CLASSES:
+            continue
+        refs.add(e.get("ref"))
+        if e.get("parent") in refs:
+            continue
+        left, top, w, h = _num(e, "left"), _num(e, "top"), _num(e, "width"), _num(e, "height")
+        if w <= 0 or h <= 0 or not (0 <= left < width and 0 <= top < height):
+            continue
+        x = _grid_point(left, min(w, width - left), width)
+        y = _grid_point(top, min(h, height - top), height)
+        if x is None or y is None:
+            continue
+        out.append(TapTarget(_label(e, dom), (x, y), (left, top, w, h)))
+    return tuple(out)
+
+
+def targets_line(targets: Sequence[TapTarget], limit: int) -> str:
+    """The first `limit` targets as `label [y, x]; ...` ("none" without any)."""
+    shown = list(targets)[:limit]
+    return "; ".join(t.text() for t in shown) if shown else "none"
+
+
+# --------------------------------------------------------------------------------------------
 # Text interface.
 
 
@@ -326,17 +423,26 @@ class AutoUIText(TextInterface):
                              "arguments (Idle, GoBack, GoHome, Enter, TaskComplete, TaskImpossible)")
         self.invalid_policy = policy
 
-    def prompt(self, info: Mapping[str, Any], cot: bool = True, brief: bool = False) -> str:
+    def prompt(self, info: Mapping[str, Any], cot: bool = True, brief: bool = False, elements: int = 0) -> str:
         """Prompt from `info` keys "goal", "history" (list of earlier action descriptions), "step", "horizon".
 
         `brief=True`: only the task and the earlier actions (for tiny models trained from scratch).
+        `elements=K > 0`: also the first K tap targets of `info["elements"]` (`tap_targets`; the env
+        records them with `observe_elements=True`) as `label [y, x]` (ValueError if `info` has none).
+        With `elements=0` the prompt is exactly the one without targets.
         """
         goal = str(info.get("goal", "")).strip()
         history = list(info.get("history", ()))
         step, horizon = info.get("step"), info.get("horizon")
+        targets = None
+        if elements > 0:
+            if "elements" not in info:
+                raise ValueError("the prompt lists tap targets (elements > 0) but the env info has no 'elements': "
+                                 "build the web env with observe_elements=True")
+            targets = targets_line(info["elements"], elements)
         if brief:
             done = "; ".join(history) if history else "none"
-            return f"Task: {goal}\nDone: {done}"
+            return f"Task: {goal}\nDone: {done}" + (f"\nTap: {targets}" if targets is not None else "")
         lines = [
             "You operate a web page on a small touch screen. The screenshot shows the page; the yellow "
             "banner at its top states the task.",
@@ -348,6 +454,8 @@ class AutoUIText(TextInterface):
             lines.append("Actions so far: none")
         if step is not None and horizon is not None:
             lines.append(f"This is step {int(step) + 1} of at most {int(horizon)}.")
+        if targets is not None:
+            lines.append(f"Tap targets (label [y, x]): {targets}")
         lines.append(
             "Points are [y, x]: fractions of the screen height and width from 0 to 1. A tap has equal "
             "touch and lift points; a swipe goes from the touch point to the lift point. Actions without "

@@ -20,6 +20,8 @@
   "action_type" (ActionType value), "action" (the canonical AutoUI text of what was executed),
   "success", "raw_reward", "env_reward" (MiniWoB's time-scaled reward; logs only), "reason",
   "crashed" (the browser died: the episode is truncated and the next reset relaunches it).
+  With `observe_elements=True` also "elements": the page's tap targets (`autoui.tap_targets`, for
+  prompts that list them; read from the DOM after every step, empty once the episode has ended).
 
 `reset(seed=s)` starts the task's episode number `s` (the same page and utterance for the same
 seed, in every run); without a seed the env draws one from its own RNG.
@@ -44,6 +46,7 @@ from coso_jax.envs.web.autoui import (
     WebParsedAction,
     format_autoui,
     parse_autoui,
+    tap_targets,
     to_browser_commands,
 )
 from coso_jax.envs.web.browser import TASK_HEIGHT, TASK_WIDTH, BrowserConfig, BrowserCrashedError, PageState
@@ -87,6 +90,8 @@ class WebControlEnv(gym.Env):
         delay (autocomplete menus).
       backend_factory: `(task, config, data_mode) -> Backend`; default launches `MiniWoBBrowser`
         lazily on the first reset.
+      observe_elements: put the page's tap targets in `info["elements"]` (one more DOM read per step).
+        A plain attribute: the DigiRL runner switches it on for envs it leases when its prompt lists them.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
@@ -94,7 +99,7 @@ class WebControlEnv(gym.Env):
     def __init__(self, task: str, horizon: int = DEFAULT_HORIZON, config: BrowserConfig | None = None, *,
                  data_mode: str = "train", type_settle_ms: float = 0.0,
                  backend_factory: Callable[[str, BrowserConfig, str], Backend] | None = None,
-                 render_mode: str | None = None) -> None:
+                 render_mode: str | None = None, observe_elements: bool = False) -> None:
         if not isinstance(horizon, int) or horizon < 1:
             raise ValueError(f"horizon must be a positive int, got {horizon!r}")
         if render_mode not in (None, "rgb_array"):
@@ -105,6 +110,7 @@ class WebControlEnv(gym.Env):
         self.data_mode = data_mode
         self.type_settle_ms = float(type_settle_ms)
         self.render_mode = render_mode
+        self.observe_elements = bool(observe_elements)
         self._factory = backend_factory or _default_factory
         self._backend: Backend | None = None
         shape = self.config.screen_shape
@@ -137,7 +143,9 @@ class WebControlEnv(gym.Env):
         self._history = []
         self._info = {"task": self.task, "seed": episode_seed, "goal": self._page.utterance, "step": 0,
                       "horizon": self.horizon, "history": []}
-        return self._obs.copy(), dict(self._info, history=list(self._history))
+        extra = {"elements": tap_targets(self._page.dom, width=TASK_WIDTH, height=TASK_HEIGHT)} \
+            if self.observe_elements else {}
+        return self._obs.copy(), dict(self._info, history=list(self._history), **extra)
 
     def step(self, action: str | AutoUIAction | WebParsedAction):
         """One step with an answer text, an `AutoUIAction`, or the text interface's `WebParsedAction` of
@@ -174,11 +182,15 @@ class WebControlEnv(gym.Env):
         terminated = (done or declared) and not crashed
         truncated = crashed or (not terminated and self._steps >= self.horizon)
         self._done = terminated or truncated
+        elements: tuple = ()
         if done or crashed:
             self._obs = np.zeros(self.config.screen_shape, np.uint8)
         else:
             try:
                 self._obs = backend.screenshot()
+                if self.observe_elements:
+                    self._page = backend.page()
+                    elements = tap_targets(self._page.dom, width=TASK_WIDTH, height=TASK_HEIGHT)
             except BrowserCrashedError as e:
                 log.warning("web env %s: browser died taking a screenshot (%s)", self.task, e)
                 self._close_backend()
@@ -190,6 +202,8 @@ class WebControlEnv(gym.Env):
                     action_type=int(parsed.action_type), action=format_autoui(parsed) if valid else "",
                     success=success, raw_reward=raw, env_reward=float(meta.get("env_reward") or 0.0),
                     reason=meta.get("reason"), crashed=crashed)
+        if self.observe_elements:
+            info["elements"] = elements if not crashed else ()
         return self._obs.copy(), float(success), terminated, truncated, info
 
     def render(self) -> np.ndarray | None:

@@ -83,10 +83,12 @@ def load_or_build(config: DigiRLConfig, cache: StartCache) -> WebStart:
             demos = json.loads((directory / "demos.json").read_text())
         else:
             t0 = time.perf_counter()
-            raw_prompt = PromptBuilder(model.cot, model.brief_prompt, config.history_actions)
+            raw_prompt = PromptBuilder(model.cot, model.brief_prompt, config.history_actions,
+                                       elements=config.prompt_elements)
             episodes = run_web_episodes(pool, suite_episodes(config, config.sft.episodes, DEMO_SEED_OFFSET),
                                         config.num_envs, raw_prompt, model.image_size,
-                                        solver_actor(None, model.max_new_tokens, 0.0, rng, model.cot))
+                                        solver_actor(None, model.max_new_tokens, 0.0, rng, model.cot,
+                                                     config.prompt_elements))
             demos = {"prompts": [p for e in episodes for p in e.prompts],
                      "answers": [t for e in episodes for t in e.texts],
                      "success": [e.success for e in episodes], "seconds": time.perf_counter() - t0}
@@ -99,7 +101,8 @@ def load_or_build(config: DigiRLConfig, cache: StartCache) -> WebStart:
         policy = build_policy(config, family, tokenizer)
         encoder = policy_lib.make_encoder(model, tokenizer, demos["prompts"], _text_only,
                                           family.num_image_tokens(policy))
-        prompt_fn = PromptBuilder(model.cot, model.brief_prompt, config.history_actions, encoder)
+        prompt_fn = PromptBuilder(model.cot, model.brief_prompt, config.history_actions, encoder,
+                                  config.prompt_elements)
         classifier = policy_lib.build_classifier(model, len(tokenizer), NUM_LABELS)
         iface = text_interface()
         labels = np.asarray([p.label if p.valid else -1 for p in (iface.parse(a) for a in demos["answers"])], np.int32)
@@ -126,7 +129,8 @@ def load_or_build(config: DigiRLConfig, cache: StartCache) -> WebStart:
                 offline = run_web_episodes(
                     pool, suite_episodes(config, config.offline_episodes_per_task, OFFLINE_SEED_OFFSET),
                     config.num_envs, prompt_fn, model.image_size,
-                    solver_actor(encode, model.max_new_tokens, config.offline_imperfect_frac, rng, model.cot))
+                    solver_actor(encode, model.max_new_tokens, config.offline_imperfect_frac, rng, model.cot,
+                                 config.prompt_elements))
             save_offline(directory / "offline.npz", offline)
             summary = cache.save(modules, dict(
                 summary, env=config.env, demonstrations=len(demos["prompts"]), demo_episodes=len(demos["success"]),

@@ -64,21 +64,25 @@ class WebEnvPool:
 
 class PromptBuilder:
     """The web text interface's prompt for an env `info`, with at most `history_actions` earlier
-    actions; with an `encoder`, trimmed to fit its prompt length (fewer earlier actions when a long
-    typed text would not fit; ValueError if the task text alone does not fit)."""
+    actions and, with `elements` = K > 0, the page's first K tap targets (`info["elements"]`, label
+    and `[y, x]` point each; the envs of `run_web_episodes` record them); with an `encoder`, trimmed
+    to fit its prompt length (fewer earlier actions when a long typed text would not fit; ValueError
+    naming the fix if the task and its tap targets alone do not fit)."""
 
-    def __init__(self, cot: bool, brief: bool, history_actions: int, encoder: PromptEncoder | None = None):
+    def __init__(self, cot: bool, brief: bool, history_actions: int, encoder: PromptEncoder | None = None,
+                 elements: int = 0):
         from coso_jax.envs.web import text_interface
 
         self.iface = text_interface()
         self.encoder = encoder
         self.cot, self.brief, self.history_actions = cot, brief, history_actions
+        self.elements = int(elements)
 
     def __call__(self, info: dict[str, Any]) -> str:
         history = list(info.get("history", ()))
         for k in range(min(self.history_actions, len(history)), -1, -1):
             prompt = self.iface.prompt(dict(info, history=history[len(history) - k:] if k else []),
-                                       cot=self.cot, brief=self.brief)
+                                       cot=self.cot, brief=self.brief, elements=self.elements)
             if self.encoder is None:
                 return prompt
             try:
@@ -86,6 +90,10 @@ class PromptBuilder:
                 return prompt
             except ValueError:
                 continue
+        if self.elements:
+            raise ValueError(f"the task text and its {self.elements} tap targets alone do not fit the prompt length "
+                             f"{self.encoder.prompt_len}: raise prompt_margin or lower prompt_elements. "
+                             f"Prompt: {prompt[:300]!r}")
         raise ValueError(f"the task text alone does not fit the prompt length: {info.get('goal')!r}")
 
 
@@ -115,6 +123,7 @@ def run_web_episodes(pool: WebEnvPool, episodes: Sequence[tuple[str, int]], num_
 
     def start(slot: int, spec: tuple[str, int]):
         env = pool.lease(spec[0])
+        env.unwrapped.observe_elements = prompt_fn.elements > 0  # the prompt's tap targets come from the info
         obs, info = env.reset(seed=int(spec[1]))
         return env, obs, info
 
@@ -152,11 +161,31 @@ def run_web_episodes(pool: WebEnvPool, episodes: Sequence[tuple[str, int]], num_
     return results
 
 
+def listed_tap(action: Any, targets: Sequence[Any], limit: int) -> Any:
+    """`action` with a tap moved onto the point the prompt lists for the tapped element: the first
+    `limit` tap targets whose box holds the tap, the one whose centre is nearest. Anything else
+    (not a tap, or an element the prompt does not list) is returned unchanged."""
+    from coso_jax.envs.web.autoui import AutoUIAction
+    from coso_jax.envs.web.browser import TASK_HEIGHT, TASK_WIDTH
+
+    if limit <= 0 or not action.is_tap:
+        return action
+    px, py = action.touch_point[0] * TASK_WIDTH, action.touch_point[1] * TASK_HEIGHT
+    hits = [t for t in list(targets)[:limit]
+            if t.box[0] <= px <= t.box[0] + t.box[2] and t.box[1] <= py <= t.box[1] + t.box[3]]
+    if not hits:
+        return action
+    best = min(hits, key=lambda t: (t.box[0] + t.box[2] / 2 - px) ** 2 + (t.box[1] + t.box[3] / 2 - py) ** 2)
+    return AutoUIAction.tap(*best.point)
+
+
 def solver_actor(encode: Callable[[list[str]], tuple[np.ndarray, np.ndarray]] | None, max_new_tokens: int,
-                 imperfect_frac: float, rng: np.random.Generator, cot: bool) -> WebActor:
+                 imperfect_frac: float, rng: np.random.Generator, cot: bool, elements: int = 0) -> WebActor:
     """A `WebActor` that plays the scripted DOM solvers (with a fraction `imperfect_frac` of random
     taps), returning the AutoUI answer text and its tokens (`encode(texts) -> (ids, mask)`; zeros
-    without a tokenizer). A scripted answer has no policy entropy: its token entropies are 0."""
+    without a tokenizer). A scripted answer has no policy entropy: its token entropies are 0. With
+    `elements` = K > 0 (the prompt lists K tap targets) a solver's tap goes to the point the prompt
+    lists for its element (`listed_tap`), so the demonstrations copy coordinates from the prompt."""
     from coso_jax.envs.web.autoui import ActionType, AutoUIAction, format_answer
     from coso_jax.envs.web.solvers import solve
 
@@ -169,6 +198,7 @@ def solver_actor(encode: Callable[[list[str]], tuple[np.ndarray, np.ndarray]] | 
             else:
                 try:
                     thought, action = solve(view.spec[0], view.env.unwrapped.page())
+                    action = listed_tap(action, view.info.get("elements", ()), elements)
                 except Exception:  # a finished slot repeated as filler, or a page in flux
                     thought, action = "I wait.", AutoUIAction(ActionType.Idle)
             texts.append(format_answer(thought, action) if cot else action.to_text())
