@@ -6,7 +6,9 @@ One random `LlamaForCausalLM` is saved with `save_pretrained` and loaded by our 
 frameworks run identical weights. Measured, each in the same process (this machine is shared/noisy):
   * generation, batch 16, left-padded prompts of length 64, 64 new tokens, greedy and sampled
     (temperature 0.7, top-p 0.9), EOS disabled so both produce exactly 64 tokens per row:
-    `coso_jax.sampling.sample` vs `model.generate` (torch CPU, 2 threads). The baseline passes
+    `coso_jax.sampling.sample` vs `model.generate` (torch CPU, 2 threads). The greedy time is also split
+    into the prompt's forward (prefill: a 1-token generation) and the per-token decode step
+    ((time of 64 tokens - time of 1) / 63), for both frameworks. The baseline passes
     `disable_compile=True`: transformers 5.x's generate otherwise takes an automatic torch.compile
     path that on this CPU re-compiles across calls (5-30 s per call instead of ~0.4 s), which made
     earlier results (8x) measure transformers' compiler, not its decoding;
@@ -85,18 +87,15 @@ def make_prompts(vocab: int):
 def bench_generation(torch_model, model, ids, mask, repeats: int) -> dict:
     import torch
 
-    results = {}
-    tokens = BATCH * NEW
-    for mode in ("greedy", "sampled"):
-        greedy = mode == "greedy"
+    def pair(greedy: bool, new: int):
         key = [jax.random.key(0)]
 
         def ours():
             key[0], sub = jax.random.split(key[0])
-            out = sampling.sample(model, None, ids, mask, sub, max_new_tokens=NEW, temperature=TEMPERATURE,
+            out = sampling.sample(model, None, ids, mask, sub, max_new_tokens=new, temperature=TEMPERATURE,
                                   top_p=1.0 if greedy else TOP_P, eos_id=-1, pad_id=PAD, greedy=greedy)
             block(out)
-            assert int(out.lengths.min()) == NEW
+            assert int(out.lengths.min()) == new
             return out
 
         gen_kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=TEMPERATURE,
@@ -106,12 +105,17 @@ def bench_generation(torch_model, model, ids, mask, repeats: int) -> dict:
 
         def theirs():
             with torch.no_grad():
-                out = torch_model.generate(input_ids=t_ids, attention_mask=t_mask, max_new_tokens=NEW,
-                                           min_new_tokens=NEW, pad_token_id=PAD, **gen_kwargs)
-            assert out.shape[1] == PROMPT + NEW
+                out = torch_model.generate(input_ids=t_ids, attention_mask=t_mask, max_new_tokens=new,
+                                           min_new_tokens=new, pad_token_id=PAD, **gen_kwargs)
+            assert out.shape[1] == PROMPT + new
             return out
 
-        ours_t, theirs_t = time_pair(ours, theirs, repeats)
+        return time_pair(ours, theirs, repeats)
+
+    results = {}
+    tokens = BATCH * NEW
+    for mode in ("greedy", "sampled"):
+        ours_t, theirs_t = pair(mode == "greedy", NEW)
         results[mode] = {
             "coso_jax": {**ours_t.as_dict(), "tokens_per_s": tokens / ours_t.median_s},
             "transformers": {**theirs_t.as_dict(), "tokens_per_s": tokens / theirs_t.median_s},
@@ -119,6 +123,21 @@ def bench_generation(torch_model, model, ids, mask, repeats: int) -> dict:
         }
         print(f"{mode:8s} coso_jax {tokens / ours_t.median_s:9.0f} tok/s (compile {ours_t.compile_s:.2f}s) | "
               f"transformers {tokens / theirs_t.median_s:9.0f} tok/s | speedup {results[mode]['speedup']:.2f}x")
+    # Where the greedy time goes: one new token is the prompt's forward (prefill) plus one selection; the
+    # other NEW - 1 tokens are decode steps, (time(NEW) - time(1)) / (NEW - 1) each.
+    ours_1, theirs_1 = pair(True, 1)
+    split = {}
+    for name, first, full in (("coso_jax", ours_1, results["greedy"]["coso_jax"]),
+                              ("transformers", theirs_1, results["greedy"]["transformers"])):
+        split[name] = {"prefill_s": first.median_s,
+                       "decode_step_s": (full["median_s"] - first.median_s) / (NEW - 1)}
+    split["prefill_speedup"] = split["transformers"]["prefill_s"] / split["coso_jax"]["prefill_s"]
+    split["decode_step_speedup"] = split["transformers"]["decode_step_s"] / split["coso_jax"]["decode_step_s"]
+    results["greedy_split"] = split
+    print(f"greedy split: prefill {split['coso_jax']['prefill_s'] * 1e3:.1f} vs "
+          f"{split['transformers']['prefill_s'] * 1e3:.1f} ms ({split['prefill_speedup']:.2f}x), decode step "
+          f"{split['coso_jax']['decode_step_s'] * 1e3:.2f} vs {split['transformers']['decode_step_s'] * 1e3:.2f} ms "
+          f"({split['decode_step_speedup']:.2f}x)")
     return results
 
 
