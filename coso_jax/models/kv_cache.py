@@ -20,6 +20,15 @@ import jax
 import jax.numpy as jnp
 
 
+def write_layer(layers: tuple[jax.Array, ...], layer: int, new: jax.Array, start: tuple[jax.Array, ...]
+                ) -> tuple[jax.Array, ...]:
+    """`layers` with `new` written into array `layer` (a Python int) at index `start`
+    (`dynamic_update_slice`, cast to that array's dtype); the other arrays are passed through as they are.
+    Shared by the per-layer caches (`KVCache`, `t5.T5Cache`)."""
+    updated = jax.lax.dynamic_update_slice(layers[layer], new.astype(layers[layer].dtype), start)
+    return layers[:layer] + (updated,) + layers[layer + 1:]
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
@@ -92,12 +101,7 @@ class KVCache:
         """Writes layer `layer`'s (a Python int) new keys/values `[B, Hkv, T, Dh]` at slots index..index+T-1."""
         zero = jnp.zeros((), jnp.int32)
         start = (zero, zero, self.index, zero)
-
-        def write(stack, new):
-            updated = jax.lax.dynamic_update_slice(stack[layer], new.astype(stack[layer].dtype), start)
-            return stack[:layer] + (updated,) + stack[layer + 1:]
-
-        return dataclasses.replace(self, k=write(self.k, k), v=write(self.v, v))
+        return dataclasses.replace(self, k=write_layer(self.k, layer, k, start), v=write_layer(self.v, layer, v, start))
 
     def advance(self, num_tokens: int) -> "KVCache":
         """Moves the write index past the tokens just decoded."""

@@ -56,6 +56,7 @@ import numpy as np
 from flax import nnx
 
 from coso_jax.models import hf_import
+from coso_jax.models.kv_cache import write_layer
 from coso_jax.models.llama import RMSNorm
 
 Dtype = Any
@@ -433,12 +434,8 @@ class T5Cache:
         """Writes layer `layer`'s (a Python int) new keys/values `[B, T, H, Dk]` at slots index..index+T-1."""
         zero = jnp.zeros((), jnp.int32)
         start = (zero, self.index, zero, zero)
-
-        def write(stack, new):
-            updated = jax.lax.dynamic_update_slice(stack[layer], new.astype(stack[layer].dtype), start)
-            return stack[:layer] + (updated,) + stack[layer + 1:]
-
-        return dataclasses.replace(self, self_k=write(self.self_k, k), self_v=write(self.self_v, v))
+        return dataclasses.replace(self, self_k=write_layer(self.self_k, layer, k, start),
+                                   self_v=write_layer(self.self_v, layer, v, start))
 
     def write_mask(self, new_mask: jax.Array) -> "T5Cache":
         """Records the validity `[B, T]` of the T tokens about to be decoded."""
