@@ -65,6 +65,8 @@ __all__ = [
     "to_browser_commands",
     "TapTarget",
     "tap_targets",
+    "element_box",
+    "on_screen",
     "TARGET_LABEL_CHARS",
 ]
 
@@ -319,8 +321,16 @@ class TapTarget:
         return f"{self.label} [{self.point[1]:.2f}, {self.point[0]:.2f}]"
 
 
-def _num(e: Mapping[str, Any], key: str) -> float:
-    return float(np.asarray(e.get(key, 0.0), np.float64).reshape(-1)[0])
+def element_box(e: Mapping[str, Any]) -> tuple[float, float, float, float]:
+    """(left, top, width, height) in CSS px of a flattened MiniWoB DOM element (a missing key reads as 0)."""
+    return tuple(float(np.asarray(e.get(key, 0.0), np.float64).reshape(-1)[0])
+                 for key in ("left", "top", "width", "height"))
+
+
+def on_screen(box: tuple[float, float, float, float], width: float = 160.0, height: float = 210.0) -> bool:
+    """Whether an element box has an area and its top-left corner lies on the `width` x `height` screen."""
+    left, top, w, h = box
+    return w > 0 and h > 0 and 0 <= left < width and 0 <= top < height
 
 
 def _grid_point(lo: float, size: float, extent: float) -> float | None:
@@ -363,8 +373,8 @@ def tap_targets(dom: Sequence[Mapping[str, Any]], *, width: float = 160.0,
         refs.add(e.get("ref"))
         if e.get("parent") in refs:
             continue
-        left, top, w, h = _num(e, "left"), _num(e, "top"), _num(e, "width"), _num(e, "height")
-        if w <= 0 or h <= 0 or not (0 <= left < width and 0 <= top < height):
+        left, top, w, h = box = element_box(e)
+        if not on_screen(box, width, height):
             continue
         x = _grid_point(left, min(w, width - left), width)
         y = _grid_point(top, min(h, height - top), height)

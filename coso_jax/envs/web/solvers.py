@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from coso_jax.envs.gym_cards.demos import read_jsonl, write_jsonl
-from coso_jax.envs.web.autoui import ActionType, AutoUIAction, AutoUIText, format_answer
+from coso_jax.envs.web.autoui import ActionType, AutoUIAction, AutoUIText, element_box, format_answer, on_screen
 from coso_jax.envs.web.browser import TASK_HEIGHT, TASK_WIDTH, PageState
 from coso_jax.envs.web.suites import TEST_SEED_BASE, get_suite, task_spec
 
@@ -42,15 +42,11 @@ class SolverError(RuntimeError):
 # -- DOM helpers -------------------------------------------------------------------------------
 
 
-def _f(e: Element, key: str) -> float:
-    v = e[key]
-    return float(np.asarray(v).reshape(-1)[0])
-
-
 def _center(e: Element) -> tuple[float, float]:
     """Centre of an element as (x, y) fractions of the task screen."""
-    x = (_f(e, "left") + _f(e, "width") / 2) / TASK_WIDTH
-    y = (_f(e, "top") + _f(e, "height") / 2) / TASK_HEIGHT
+    left, top, w, h = element_box(e)
+    x = (left + w / 2) / TASK_WIDTH
+    y = (top + h / 2) / TASK_HEIGHT
     return (min(max(x, 0.0), 1.0), min(max(y, 0.0), 1.0))
 
 
@@ -69,8 +65,7 @@ def _focused(e: Element) -> bool:
 
 
 def _visible(e: Element) -> bool:
-    return (_f(e, "width") > 0 and _f(e, "height") > 0 and 0 <= _f(e, "left") < TASK_WIDTH
-            and 0 <= _f(e, "top") < TASK_HEIGHT)
+    return on_screen(element_box(e), TASK_WIDTH, TASK_HEIGHT)
 
 
 def _by_tag(page: PageState, *tags: str) -> list[Element]:
