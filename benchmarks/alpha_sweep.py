@@ -50,11 +50,12 @@ class SweepSpec:
     preset: str = "tiny_cpu"
     workdir: str = pc.SWEEP_WORKDIR
     overrides: tuple[tuple[str, Any], ...] = pc.REGIME
+    per_game: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()  # the start rule's, on top per game
     progress: bool = True
     smoke: bool = False
 
     def config(self, env: str, arm: str, alpha: float, seed: int):
-        return pc.arm_config(self.preset, env, arm, seed, alpha, self.overrides)
+        return pc.arm_config(self.preset, env, arm, seed, alpha, pc.game_overrides(self.overrides, self.per_game, env))
 
     def run_dir(self, env: str, arm: str, alpha: float, seed: int) -> Path:
         return Path(self.workdir) / env / arm / f"alpha_{alpha:g}" / f"seed_{seed}"
@@ -124,7 +125,8 @@ def collect(spec: SweepSpec) -> dict[str, Any]:
 def markdown(spec: SweepSpec, table: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
     pre = preregistered(spec)
     lines = [
-        f"# Alpha sweep ({spec.preset} preset, regime {pc.fmt_regime(spec.overrides)}{', smoke' if spec.smoke else ''})",
+        f"# Alpha sweep ({spec.preset} preset, regime {pc.fmt_regime(spec.overrides, spec.per_game)}"
+        f"{', smoke' if spec.smoke else ''})",
         "",
         f"Mean AUC in % (the mean of the windowed training success rate over the iterations) over the tuning "
         f"seeds {list(spec.tuning_seeds)}; (n) finished seeds. Rule: {RULE.format(seeds=list(spec.tuning_seeds))}. "
@@ -215,7 +217,8 @@ def report(spec: SweepSpec, out_dir: Path, tag: str, timings: dict[str, Any] | N
         "tuning_seeds": list(spec.tuning_seeds),
         "regime": dict(pc.REGIME),
         # The grid refuses alphas chosen under other settings than its own.
-        "settings": pc.settings_of(spec.preset, spec.overrides),
+        "settings": pc.settings_of(spec.preset, spec.overrides, spec.per_game),
+        "start_rule": {env: dict(fields) for env, fields in spec.per_game},
         "table": collected["table"],
         "chosen": collected["chosen"],
         "timings": timings,

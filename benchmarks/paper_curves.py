@@ -184,10 +184,14 @@ def arm_config(preset: str, env: str, arm: str, seed: int, alpha: float | None,
     return ppo_preset(preset, **values)
 
 
-def fmt_regime(overrides: Iterable[tuple[str, Any]]) -> str:
-    """The regime's fields as this grid sets them ("sft_epochs=3, temperature=1.0"; a smoke's sizes differ)."""
+def fmt_regime(overrides: Iterable[tuple[str, Any]],
+               per_game: Iterable[tuple[str, Iterable[tuple[str, Any]]]] = ()) -> str:
+    """The regime's fields as this grid sets them ("sft_epochs=3, temperature=1.0"; a smoke's sizes differ),
+    then the start rule's per-game fields ("; start rule: EZPoints sft_epochs=10")."""
     values = dict(overrides)
-    return ", ".join(f"{k}={values.get(k, v)}" for k, v in REGIME)
+    text = ", ".join(f"{k}={values.get(k, v)}" for k, v in REGIME)
+    games = [f"{env} " + ", ".join(f"{k}={v}" for k, v in fields) for env, fields in per_game]
+    return text + ("; start rule: " + "; ".join(games) if games else "")
 
 
 def fmt_alpha(alpha: float | None) -> str:
@@ -259,6 +263,7 @@ class GridSpec:
     preset: str = "tiny_cpu"
     workdir: str = "runs/paper_curves"
     overrides: tuple[tuple[str, Any], ...] = REGIME  # regime (+ smoke sizes) (+ --set), sorted
+    per_game: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()  # the start rule's, on top per game
     eval_steps: int = 512
     peak_min_episodes: int = 50
     progress: bool = True
@@ -285,7 +290,8 @@ class GridSpec:
             return None
 
     def config(self, env: str, algo: str, seed: int) -> PPOConfig:
-        return arm_config(self.preset, env, algo, seed, self.alpha(env, algo), self.overrides)
+        return arm_config(self.preset, env, algo, seed, self.alpha(env, algo),
+                          game_overrides(self.overrides, self.per_game, env))
 
     def run_dir(self, env: str, algo: str, seed: int) -> Path:
         return Path(self.workdir) / env / algo / f"seed_{seed}"
@@ -408,9 +414,27 @@ def _read_result(run_dir: Path) -> dict[str, Any] | None:
     return read_json(run_dir / "result.json")
 
 
-def settings_of(preset: str, overrides: Iterable[tuple[str, Any]]) -> dict[str, Any]:
-    """What a sweep and the grid that uses its alphas must share: the preset and every override."""
-    return {"preset": preset, "overrides": {k: v for k, v in sorted(dict(overrides).items())}}
+def settings_of(preset: str, overrides: Iterable[tuple[str, Any]],
+                per_game: Iterable[tuple[str, Iterable[tuple[str, Any]]]] = ()) -> dict[str, Any]:
+    """What a sweep and the grid that uses its alphas must share: the preset, every override and the start
+    rule's per-game overrides (the key is left out when there are none, as before the start rule)."""
+    out: dict[str, Any] = {"preset": preset, "overrides": {k: v for k, v in sorted(dict(overrides).items())}}
+    games = {env: dict(fields) for env, fields in per_game}
+    if games:
+        out["per_game"] = {env: games[env] for env in sorted(games)}
+    return out
+
+
+def settings_key(settings: Mapping[str, Any]) -> str:
+    return json.dumps(dict(settings), sort_keys=True)
+
+
+def game_overrides(overrides: Iterable[tuple[str, Any]], per_game: Iterable[tuple[str, Iterable[tuple[str, Any]]]],
+                   env: str) -> tuple[tuple[str, Any], ...]:
+    """`overrides` with the start rule's fields for `env` on top (`start_rule.load_per_game`)."""
+    values = dict(overrides)
+    values.update(dict(dict(per_game).get(env, ())))
+    return tuple(sorted(values.items()))
 
 
 def load_alphas(path: str | Path, settings: Mapping[str, Any], *, smoke: bool) -> tuple[tuple[str, str, float], ...]:
@@ -421,8 +445,9 @@ def load_alphas(path: str | Path, settings: Mapping[str, Any], *, smoke: bool) -
         raise ConfigError(f"no alpha sweep at {path}: run `python -m benchmarks.paper_curves --sweep"
                           f"{' --smoke' if smoke else ''}` first (or pass --alphas_from)")
     stored = data.get("settings", {})
-    if json.dumps(stored, sort_keys=True) != json.dumps(dict(settings), sort_keys=True):
-        flat = lambda s: {"preset": s.get("preset"), **{f"--set {k}": v for k, v in s.get("overrides", {}).items()}}
+    if settings_key(stored) != settings_key(settings):
+        flat = lambda s: {"preset": s.get("preset"), **{f"--set {k}": v for k, v in s.get("overrides", {}).items()},
+                          **{f"start rule {e}.{k}": v for e, f in s.get("per_game", {}).items() for k, v in f.items()}}
         diffs = field_differences(flat(stored), flat(settings))
         raise ConfigError(f"the alpha sweep {path} ran under other settings than this grid ({'; '.join(diffs[:3])}): "
                           "rerun the sweep with the grid's settings or pass another --alphas_from")
@@ -517,7 +542,7 @@ def statement(env: str, comparisons: Mapping[str, Any]) -> str:
 
 
 def markdown(spec: GridSpec, table: dict[str, Any], comparisons: dict[str, Any], meta: dict[str, Any]) -> str:
-    regime = fmt_regime(spec.overrides)
+    regime = fmt_regime(spec.overrides, spec.per_game)
     lines = [
         f"# gym_cards: CoSo vs entropy vs none ({spec.preset} preset, regime {regime})",
         "",
@@ -702,6 +727,7 @@ def report(spec: GridSpec, out_dir: Path, tag: str, timings: dict[str, Any] | No
                         "(benchmarks/paper_curves.py; pre-registered in benchmarks/README.md)"),
         "grid": {"envs": list(spec.envs), "arms": list(spec.algos), "seeds": list(spec.seeds),
                  "preset": spec.preset, "regime": dict(REGIME), "overrides": dict(spec.overrides),
+                 "start_rule": {env: dict(fields) for env, fields in spec.per_game},
                  "eval_steps": spec.eval_steps, "peak_min_episodes": spec.peak_min_episodes,
                  "arm_definitions": {a: dataclasses.asdict(ARMS[a]) for a in spec.algos}},
         "alphas": {"source": spec.alphas_source,
@@ -744,6 +770,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, argparse.Namespa
     """(GridSpec, args), or (alpha_sweep.SweepSpec, args) with --sweep. The grid's alphas are read later
     (`_run`), so parsing never needs the sweep's JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--starts", action="store_true",
+                        help="measure the SFT starts and apply the start rule (benchmarks/start_rule.py) instead of "
+                             "the grid")
     parser.add_argument("--sweep", action="store_true", help="run the alpha sweep (tuning seeds) instead of the grid")
     parser.add_argument("--envs", default=",".join(GYM_CARDS_ENVS))
     parser.add_argument("--arms", "--algos", dest="arms", default=None,
@@ -757,6 +786,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, argparse.Namespa
     parser.add_argument("--alphas_from", default=None,
                         help="grid only: the sweep's JSON (default <out>/alpha_sweep_<tag>.json; --smoke: "
                              f"{SWEEP_SMOKE_WORKDIR}/alpha_sweep_smoke.json)")
+    parser.add_argument("--starts_from", default=None,
+                        help="sweep and grid: the start rule's JSON (default <out>/start_rule_<tag>.json; not read "
+                             "with --smoke)")
     parser.add_argument("--preset", default="tiny_cpu", choices=PRESETS)
     parser.add_argument("--workdir", default=None,
                         help=f"default {GridSpec.workdir} / {SWEEP_WORKDIR} (--smoke: {SMOKE_WORKDIR} / "
@@ -788,6 +820,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, argparse.Namespa
         return items
 
     envs = split(args.envs, GYM_CARDS_ENVS, "envs")
+    if args.starts and args.sweep:
+        parser.error("--starts and --sweep: one at a time (the start rule first, then the sweep, then the grid)")
+    if args.starts and args.smoke:
+        parser.error("--starts: no smoke version (the smoke sizes fix sft_epochs)")
+    if args.starts and (args.arms or args.seeds or args.alphas or args.alphas_from or args.starts_from):
+        parser.error("--starts: takes --envs, --preset, --workdir, --out, --tag and --set only")
+    if args.starts_from is not None and args.smoke:
+        parser.error("--starts_from: a smoke does not read the start rule")
     arms = None if args.arms is None else split(args.arms, SWEPT_ARMS if args.sweep else tuple(ARMS), "arms")
     try:
         if args.seeds is None:
@@ -832,14 +872,20 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, argparse.Namespa
         overrides.update(SMOKE_OVERRIDES)
     overrides.update(user)
     overrides = tuple(sorted(overrides.items()))
-    if args.sweep:
+    args.user_fields = tuple(user)
+    if args.sweep or args.starts:  # the start rule caches its starts where the sweep will read them
         workdir = args.workdir or (SWEEP_SMOKE_WORKDIR if args.smoke else SWEEP_WORKDIR)
     else:
         workdir = args.workdir or (SMOKE_WORKDIR if args.smoke else GridSpec.workdir)
     args.out = args.out or (workdir if args.smoke else str(RESULTS_DIR))
     progress = not args.no_progress
     try:
-        if args.sweep:
+        if args.starts:
+            from benchmarks.start_rule import StartSpec
+
+            spec = StartSpec(envs=envs, preset=args.preset, workdir=workdir, overrides=overrides, progress=progress)
+            spec.config(envs[0], 3)
+        elif args.sweep:
             from benchmarks.alpha_sweep import SweepSpec
 
             spec = SweepSpec(envs=envs, arms=arms or SWEPT_ARMS, alphas=alphas, seeds=seeds,
@@ -877,6 +923,11 @@ def _tag(args: argparse.Namespace) -> str:
 
 def _run(spec: Any, args: argparse.Namespace) -> dict[str, Any]:
     tag = _tag(args)
+    if args.starts:
+        from benchmarks import start_rule
+
+        return start_rule.run(spec, Path(args.out), tag, report_only=args.report_only)
+    spec = with_start_rule(spec, args, tag)
     if args.sweep:
         from benchmarks import alpha_sweep
 
@@ -893,6 +944,21 @@ def _run(spec: Any, args: argparse.Namespace) -> dict[str, Any]:
                                     else None))
 
 
+def with_start_rule(spec: Any, args: argparse.Namespace, tag: str) -> Any:
+    """The sweep or the grid with the start rule's per-game fields (benchmarks/start_rule.py). A smoke reads
+    none; `--report_only` without the rule's JSON draws the report without it."""
+    if args.smoke:
+        return spec
+    from benchmarks import start_rule
+
+    path = Path(args.starts_from) if args.starts_from else Path(args.out) / f"start_rule_{tag}.json"
+    if args.report_only and not path.exists():
+        return spec
+    per_game = start_rule.load_per_game(path, settings_of(spec.preset, spec.overrides), spec.envs,
+                                        getattr(args, "user_fields", ()))
+    return dataclasses.replace(spec, per_game=per_game)
+
+
 def with_sweep_alphas(spec: GridSpec, args: argparse.Namespace, tag: str) -> GridSpec:
     """The grid with the sweep's alphas (and, with the default arms, coso_soft when the sweep chose an alpha
     for it). `--report_only` without the sweep's JSON draws the report without alphas."""
@@ -900,7 +966,7 @@ def with_sweep_alphas(spec: GridSpec, args: argparse.Namespace, tag: str) -> Gri
     path = Path(args.alphas_from) if args.alphas_from else default
     if args.report_only and not path.exists():
         return spec
-    alphas = load_alphas(path, settings_of(spec.preset, spec.overrides), smoke=args.smoke)
+    alphas = load_alphas(path, settings_of(spec.preset, spec.overrides, spec.per_game), smoke=args.smoke)
     arms = spec.algos
     if getattr(args, "default_arms", False) and any(arm == "coso_soft" for _, arm, _ in alphas):
         arms = ("none", "entropy", "coso", "coso_soft") + tuple(a for a in GRID_ARMS if a.endswith("_x10"))
