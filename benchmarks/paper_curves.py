@@ -945,17 +945,17 @@ def _run(spec: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def with_start_rule(spec: Any, args: argparse.Namespace, tag: str) -> Any:
-    """The sweep or the grid with the start rule's per-game fields (benchmarks/start_rule.py). A smoke reads
-    none; `--report_only` without the rule's JSON draws the report without it."""
-    if args.smoke:
-        return spec
+    """The sweep or the grid with the start rule's per-game fields (benchmarks/start_rule.py). A smoke, or a
+    run that sets sft_epochs itself (--set), reads none; `--report_only` without the rule's JSON draws the
+    report without it."""
     from benchmarks import start_rule
 
+    if args.smoke or start_rule.FIELD in getattr(args, "user_fields", ()):  # --set sft_epochs: every game's
+        return spec
     path = Path(args.starts_from) if args.starts_from else Path(args.out) / f"start_rule_{tag}.json"
     if args.report_only and not path.exists():
         return spec
-    per_game = start_rule.load_per_game(path, settings_of(spec.preset, spec.overrides), spec.envs,
-                                        getattr(args, "user_fields", ()))
+    per_game = start_rule.load_per_game(path, settings_of(spec.preset, spec.overrides), spec.envs)
     return dataclasses.replace(spec, per_game=per_game)
 
 

@@ -174,12 +174,12 @@ def run(spec: StartSpec, out_dir: Path, tag: str, *, report_only: bool = False) 
     return payload
 
 
-def load_per_game(path: str | Path, settings: Mapping[str, Any], envs: Iterable[str],
-                  user_fields: Iterable[str] = ()) -> tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]:
+def load_per_game(path: str | Path, settings: Mapping[str, Any],
+                  envs: Iterable[str]) -> tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]:
     """The start rule's per-game overrides as ((game, ((field, value),)), ...), for every game the file
     chose a value for (not only `envs`, so a sweep and a grid over different games still agree on their
     settings); ConfigError with one line if the file is missing, was measured under other settings, or
-    has no measurement for one of `envs`. Fields the user set with --set win over the rule's."""
+    has no measurement for one of `envs`."""
     data = read_json(path)
     if data is None:
         raise ConfigError(f"no start rule at {path}: run `python -m benchmarks.paper_curves --starts` first "
@@ -192,10 +192,5 @@ def load_per_game(path: str | Path, settings: Mapping[str, Any], envs: Iterable[
     if missing:
         raise ConfigError(f"the start rule {path} has no measurement for {missing}: run "
                           f"`python -m benchmarks.paper_curves --starts --envs={','.join(missing)}`")
-    skip = set(user_fields)
-    out = []
-    for env, values in sorted(data.get("per_game", {}).items()):
-        fields = tuple(sorted((k, v) for k, v in values.items() if k not in skip))
-        if fields:
-            out.append((env, fields))
-    return tuple(out)
+    return tuple((env, tuple(sorted(values.items()))) for env, values in sorted(data.get("per_game", {}).items())
+                 if values)
