@@ -226,6 +226,11 @@ def test_fingerprint_fields():
     assert web.start_fingerprint() != web.replace(sft_epochs=web.sft.epochs + 1).start_fingerprint()
     assert web.start_fingerprint() == web.replace(algo="none", seed=3, alpha=0.5).start_fingerprint()
     assert web.start_dir("runs/x").parent.as_posix() == "runs/sft"
+    # Listed targets: the offline data's random taps land on them, so such a start records it (and
+    # starts cached before, with random screen taps, are not re-used); without offline random taps,
+    # nothing changes.
+    assert web.prompt_elements > 0 and web.start_fields()["offline_random_taps"] == "listed_targets"
+    assert "offline_random_taps" not in web.replace(offline_imperfect_frac=0.0).start_fields()
 
 
 def test_field_differences_names_fields_and_values():

@@ -480,6 +480,23 @@ def test_listed_tap_moves_solver_taps_onto_the_prompt_points():
     assert listed_tap(corner, targets, 8) == corner
 
 
+def test_random_tap_lands_on_a_listed_target_in_the_answer_format():
+    from coso_jax.envs.web.solvers import random_tap
+
+    targets = tap_targets(DOM)
+    rng = np.random.default_rng(0)
+    drawn = [random_tap(rng, targets, 3) for _ in range(60)]
+    first3 = {t.point: t.label for t in targets[:3]}
+    assert {a.touch_point for _, a in drawn} == set(first3)          # every draw from the first 3, each drawn
+    for thought, action in drawn:
+        assert action.is_tap and thought == f'I tap "{first3[action.touch_point]}".'
+        assert parse_autoui(format_answer(thought, action)) == (action, True)  # the answer format, parsed
+    thought, action = random_tap(np.random.default_rng(0))           # nothing listed: a screen point
+    x, y = action.touch_point
+    assert thought == "I try tapping here." and 0.02 <= x <= 0.98 and 0.26 <= y <= 0.98
+    assert random_tap(np.random.default_rng(0), targets, 0)[0] == "I try tapping here."
+
+
 class ElementPage(FakePage):
     """FakePage with its target button in the DOM (box 70..90 x 90..110 CSS px: a click inside solves it)."""
 

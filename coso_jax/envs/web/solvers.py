@@ -272,7 +272,16 @@ def episode_seed(split: str, index: int) -> int:
     raise ValueError(f"split must be 'train' or 'test', got {split!r}")
 
 
-def _random_tap(rng: np.random.Generator) -> Step:
+def random_tap(rng: np.random.Generator, targets: Sequence[Any] = (), limit: int = 0) -> Step:
+    """An imperfect demonstration step: a uniformly random tap below the task bar, or, when the prompt
+    lists tap targets (`limit` = K > 0 and `targets`, `autoui.TapTarget`s), one of the first K listed
+    targets drawn uniformly, tapped at its listed point and worded as the solvers word a tap. The listed
+    form keeps the wrong step in the answer format the policy learns (a random screen point and its
+    "I try tapping here." are text the SFT start never sees: ~20 nats per token under it, measured)."""
+    shown = list(targets)[:max(int(limit), 0)]
+    if shown:
+        target = shown[int(rng.integers(len(shown)))]
+        return f'I tap "{target.label}".', AutoUIAction.tap(*target.point)
     x, y = rng.uniform(0.02, 0.98), rng.uniform(0.26, 0.98)
     return "I try tapping here.", AutoUIAction.tap(round(float(x), 4), round(float(y), 4))
 
@@ -288,7 +297,7 @@ def run_solver(env: Any, task: str, seed: int, *, imperfect_frac: float = 0.0,
     step = 0
     while True:
         imperfect = bool(imperfect_frac > 0 and rng is not None and rng.random() < imperfect_frac)
-        thought, action = _random_tap(rng) if imperfect else solve(task, base.page())
+        thought, action = random_tap(rng) if imperfect else solve(task, base.page())
         answer = format_answer(thought, action) if cot else action.to_text()
         record = {"env": f"web/{task}", "task": task, "seed": int(seed), "step": step,
                   "prompt": iface.prompt(info, cot=cot), "answer": answer,

@@ -120,6 +120,15 @@ class DigiRLConfig(_Composed):
     def _defaults(cls) -> dict[str, Any]:
         return DigiRLConfig().to_flat_dict()
 
+    def start_fields(self) -> dict[str, Any]:
+        fields = super().start_fields()
+        if self.prompt_elements > 0 and self.offline_episodes_per_task > 0 and self.offline_imperfect_frac > 0:
+            # The offline data's random taps land on listed targets (solvers.random_tap, 2026-12-01); a start
+            # cached before holds random screen points, so it must not be re-used. Starts without listed
+            # targets keep their fingerprints.
+            fields["offline_random_taps"] = "listed_targets"
+        return fields
+
     @property
     def backbone(self) -> str:
         return "digirl"

@@ -182,19 +182,19 @@ def listed_tap(action: Any, targets: Sequence[Any], limit: int) -> Any:
 def solver_actor(encode: Callable[[list[str]], tuple[np.ndarray, np.ndarray]] | None, max_new_tokens: int,
                  imperfect_frac: float, rng: np.random.Generator, cot: bool, elements: int = 0) -> WebActor:
     """A `WebActor` that plays the scripted DOM solvers (with a fraction `imperfect_frac` of random
-    taps), returning the AutoUI answer text and its tokens (`encode(texts) -> (ids, mask)`; zeros
-    without a tokenizer). A scripted answer has no policy entropy: its token entropies are 0. With
-    `elements` = K > 0 (the prompt lists K tap targets) a solver's tap goes to the point the prompt
-    lists for its element (`listed_tap`), so the demonstrations copy coordinates from the prompt."""
+    taps, `solvers.random_tap`: on a listed target when the prompt lists them), returning the AutoUI
+    answer text and its tokens (`encode(texts) -> (ids, mask)`; zeros without a tokenizer). A scripted
+    answer has no policy entropy: its token entropies are 0. With `elements` = K > 0 (the prompt lists
+    K tap targets) a solver's tap goes to the point the prompt lists for its element (`listed_tap`), so
+    the demonstrations copy coordinates from the prompt."""
     from coso_jax.envs.web.autoui import ActionType, AutoUIAction, format_answer
-    from coso_jax.envs.web.solvers import solve
+    from coso_jax.envs.web.solvers import random_tap, solve
 
     def act(prompts, images, views):
         texts = []
         for view in views:
             if imperfect_frac > 0 and rng.random() < imperfect_frac:
-                x, y = rng.uniform(0.02, 0.98), rng.uniform(0.26, 0.98)
-                thought, action = "I try tapping here.", AutoUIAction.tap(round(float(x), 4), round(float(y), 4))
+                thought, action = random_tap(rng, view.info.get("elements", ()), elements)
             else:
                 try:
                     thought, action = solve(view.spec[0], view.env.unwrapped.page())
