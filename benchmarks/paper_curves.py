@@ -1,6 +1,8 @@
 """The paper's gym_cards comparison (issue #20, pre-registered in benchmarks/README.md): CoSo vs entropy vs
 none over paired seeds, from one SFT start per game, at the alpha an alpha sweep chose.
 
+  python -m benchmarks.paper_curves --starts              # 0. the start rule: each game's sft_epochs, from its
+                                                          #    SFT start's success alone -> start_rule_cpu.*
   python -m benchmarks.paper_curves --sweep               # 1. the alpha sweep: 4 games x 3 arms x 4 alphas
                                                           #    x tuning seeds 100, 101 -> alpha_sweep_cpu.*
   python -m benchmarks.paper_curves                       # 2. the main grid at the chosen alphas: 4 games x
@@ -15,6 +17,9 @@ none over paired seeds, from one SFT start per game, at the alpha an alpha sweep
 
 **The regime** (`REGIME`): every run of the sweep and of the grid, every game and arm, samples at
 `temperature=1.0` from an SFT start of `sft_epochs=3`; all other `tiny_cpu` settings as committed.
+**The start rule** (`benchmarks/start_rule.py`, an addendum written before the grid) then raises a game's
+`sft_epochs` through 5, 10, 20 when its start succeeds < 10%; the sweep and the grid read each game's value
+from ``start_rule_<tag>.json`` (``--starts_from``) and refuse to start without it (a smoke reads none).
 
 **Arms** (`ARMS`): `none`, `entropy`, `coso` (the algos), `coso_soft` (coso with `soft_backup=true`,
 issue #21), and the exploration arms `entropy_x10` / `coso_x10` (entropy / coso at 10x the alpha the
