@@ -9,7 +9,9 @@ sweep or grid run of it is read.
 SFT start under the regime (temperature 1.0; everything else as the grid) and measure it on
 `EVAL_STEPS` (512) fresh evaluation env steps with evaluation seed `EVAL_SEED` (2026: neither the grid's
 nor the sweep's evaluations use it). The first value whose start succeeds on >= `MIN_START_SUCCESS` (10%)
-of its finished episodes is the game's `sft_epochs`; the ladder stops there. A game that reaches it at
+of its finished episodes **and** answers invalidly at most `MAX_START_INVALID` (50%) of the time (addendum
+2: gym_cards plays a random legal action for an invalid answer, so a start that never answers validly
+can still "succeed") is the game's `sft_epochs`; the ladder stops there. A game that reaches it at
 none keeps the regime's value and is reported as flat, with the best start measured.
 
 Every start is cached where the sweep caches its starts (``<workdir>/sft/``, default the sweep's work
@@ -31,12 +33,14 @@ from coso_jax.rl.config import ConfigError
 
 LADDER: tuple[int, ...] = (3, 5, 10, 20)
 MIN_START_SUCCESS = 0.10
+MAX_START_INVALID = 0.50  # addendum 2: a start that wins through gym_cards' random fallback is no start
 EVAL_STEPS = 512
 EVAL_SEED = 2026
 FIELD = "sft_epochs"
 RULE = (f"per game: the first {FIELD} of {list(LADDER)} whose SFT start succeeds on >= {MIN_START_SUCCESS:.0%} of "
-        f"its finished episodes over {EVAL_STEPS} fresh evaluation env steps (evaluation seed {EVAL_SEED}, the "
-        "regime's temperature); none reaching it: the regime's value, and the game is reported flat")
+        f"its finished episodes with an invalid-action rate <= {MAX_START_INVALID:.0%}, over {EVAL_STEPS} fresh "
+        f"evaluation env steps (evaluation seed {EVAL_SEED}, the regime's temperature); none qualifying: the "
+        "regime's value, and the game is reported flat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,13 +63,19 @@ class StartSpec:
         return Path(self.workdir) / "starts" / env / f"{FIELD}_{sft_epochs}.json"
 
 
+def qualifies(entry: Mapping[str, Any]) -> bool:
+    """Whether one measured start passes: success_rate >= MIN_START_SUCCESS and invalid_action_rate <=
+    MAX_START_INVALID. A start with no finished episode (success_rate None or NaN) does not."""
+    rate, invalid = entry.get("success_rate"), entry.get("invalid_action_rate")
+    return (rate is not None and rate == rate and rate >= MIN_START_SUCCESS
+            and invalid is not None and invalid <= MAX_START_INVALID)
+
+
 def choose_sft_epochs(ladder: Sequence[Mapping[str, Any]], default: int) -> tuple[int, bool]:
-    """(the game's sft_epochs, whether its start reached the threshold) from the measured ladder in order:
-    the first entry with success_rate >= MIN_START_SUCCESS, else `default`. An entry with no finished
-    episode (success_rate None or NaN) does not reach it."""
+    """(the game's sft_epochs, whether its start qualified) from the measured ladder in order: the first
+    entry that `qualifies`, else `default`."""
     for entry in ladder:
-        rate = entry.get("success_rate")
-        if rate is not None and rate == rate and rate >= MIN_START_SUCCESS:
+        if qualifies(entry):
             return int(entry[FIELD]), True
     return default, False
 
@@ -108,7 +118,7 @@ def measure(spec: StartSpec) -> dict[str, Any]:
                           f"({record['wall_s']:.0f} s)", flush=True)
                 bar.update(1)
                 ladder.append(record)
-                if choose_sft_epochs([record], default)[1]:
+                if qualifies(record):
                     break
             chosen, reached = choose_sft_epochs(ladder, default)
             best = max(ladder, key=lambda r: (r.get("success_rate") or 0.0))

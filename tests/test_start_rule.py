@@ -10,8 +10,8 @@ from benchmarks import paper_curves as pc
 from benchmarks import start_rule as sr
 
 
-def _entry(epochs, rate, episodes=50):
-    return {"sft_epochs": epochs, "success_rate": rate, "episodes": episodes, "invalid_action_rate": 0.2}
+def _entry(epochs, rate, episodes=50, invalid=0.2):
+    return {"sft_epochs": epochs, "success_rate": rate, "episodes": episodes, "invalid_action_rate": invalid}
 
 
 def test_rule_takes_the_first_rung_that_reaches_ten_percent():
@@ -21,6 +21,9 @@ def test_rule_takes_the_first_rung_that_reaches_ten_percent():
     # No finished episode: success undefined, which does not reach the threshold.
     assert sr.choose_sft_epochs([_entry(3, None, 0), _entry(5, float("nan"), 0)], 3) == (3, False)
     assert sr.choose_sft_epochs([], 3) == (3, False)
+    # Addendum 2: success won through the random fallback for invalid answers does not count.
+    assert sr.choose_sft_epochs([_entry(3, 0.28, invalid=1.0), _entry(5, 0.3, invalid=0.5)], 3) == (5, True)
+    assert sr.choose_sft_epochs([_entry(3, 0.28, invalid=0.51)], 3) == (3, False)
 
 
 def _write_records(spec, env, rates):
