@@ -80,6 +80,15 @@ def choose_sft_epochs(ladder: Sequence[Mapping[str, Any]], default: int) -> tupl
     return default, False
 
 
+def game_entry(ladder: Sequence[Mapping[str, Any]], default: int) -> dict[str, Any]:
+    """One game's report: its measured ladder, the rule's choice, whether a rung qualified, and the rung
+    with the highest success."""
+    chosen, reached = choose_sft_epochs(ladder, default)
+    best = max(ladder, key=lambda r: (r.get("success_rate") or 0.0))
+    return {"ladder": list(ladder), FIELD: chosen, "reached": reached,
+            "best": {FIELD: best[FIELD], "success_rate": best.get("success_rate")}}
+
+
 def measure(spec: StartSpec) -> dict[str, Any]:
     """Measures each game's ladder up to the first start that reaches the threshold (cached measurements
     are re-used if their settings match); returns per game the ladder and the choice."""
@@ -120,10 +129,7 @@ def measure(spec: StartSpec) -> dict[str, Any]:
                 ladder.append(record)
                 if qualifies(record):
                     break
-            chosen, reached = choose_sft_epochs(ladder, default)
-            best = max(ladder, key=lambda r: (r.get("success_rate") or 0.0))
-            games[env] = {"ladder": ladder, FIELD: chosen, "reached": reached,
-                          "best": {FIELD: best[FIELD], "success_rate": best.get("success_rate")}}
+            games[env] = game_entry(ladder, default)
     finally:
         bar.close()
     return games
@@ -158,10 +164,7 @@ def run(spec: StartSpec, out_dir: Path, tag: str, *, report_only: bool = False) 
         for env in spec.envs:
             ladder = [r for e in spec.ladder if (r := read_json(spec.record_path(env, e))) is not None]
             if ladder:
-                chosen, reached = choose_sft_epochs(ladder, int(dict(spec.overrides)[FIELD]))
-                best = max(ladder, key=lambda r: (r.get("success_rate") or 0.0))
-                games[env] = {"ladder": ladder, FIELD: chosen, "reached": reached,
-                              "best": {FIELD: best[FIELD], "success_rate": best.get("success_rate")}}
+                games[env] = game_entry(ladder, int(dict(spec.overrides)[FIELD]))
     else:
         games = measure(spec)
     default = int(dict(spec.overrides)[FIELD])
