@@ -18,8 +18,9 @@ none over paired seeds, from one SFT start per game, at the alpha an alpha sweep
 **The regime** (`REGIME`): every run of the sweep and of the grid, every game and arm, samples at
 `temperature=1.0` from an SFT start of `sft_epochs=3`; all other `tiny_cpu` settings as committed.
 **The start rule** (`benchmarks/start_rule.py`, an addendum written before the grid) then raises a game's
-`sft_epochs` through 5, 10, 20 when its start succeeds < 10%; the sweep and the grid read each game's value
-from ``start_rule_<tag>.json`` (``--starts_from``) and refuse to start without it (a smoke reads none).
+`sft_epochs` through 5, 10, 20 when its start succeeds < 10% or answers invalidly > 50%; the sweep and the
+grid read each game's value from ``start_rule_<tag>.json`` (``--starts_from``) and refuse to start without it
+(a smoke reads none).
 
 **Arms** (`ARMS`): `none`, `entropy`, `coso` (the algos), `coso_soft` (coso with `soft_backup=true`,
 issue #21), and the exploration arms `entropy_x10` / `coso_x10` (entropy / coso at 10x the alpha the
