@@ -435,6 +435,13 @@ def settings_key(settings: Mapping[str, Any]) -> str:
     return json.dumps(dict(settings), sort_keys=True)
 
 
+def settings_differences(stored: Mapping[str, Any], settings: Mapping[str, Any]) -> list[str]:
+    """The fields in which two `settings_of` records differ, named as a user sets them ("--set x: a -> b")."""
+    flat = lambda s: {"preset": s.get("preset"), **{f"--set {k}": v for k, v in s.get("overrides", {}).items()},
+                      **{f"start rule {e}.{k}": v for e, f in s.get("per_game", {}).items() for k, v in f.items()}}
+    return field_differences(flat(stored), flat(settings))
+
+
 def game_overrides(overrides: Iterable[tuple[str, Any]], per_game: Iterable[tuple[str, Iterable[tuple[str, Any]]]],
                    env: str) -> tuple[tuple[str, Any], ...]:
     """`overrides` with the start rule's fields for `env` on top (`start_rule.load_per_game`)."""
@@ -452,9 +459,7 @@ def load_alphas(path: str | Path, settings: Mapping[str, Any], *, smoke: bool) -
                           f"{' --smoke' if smoke else ''}` first (or pass --alphas_from)")
     stored = data.get("settings", {})
     if settings_key(stored) != settings_key(settings):
-        flat = lambda s: {"preset": s.get("preset"), **{f"--set {k}": v for k, v in s.get("overrides", {}).items()},
-                          **{f"start rule {e}.{k}": v for e, f in s.get("per_game", {}).items() for k, v in f.items()}}
-        diffs = field_differences(flat(stored), flat(settings))
+        diffs = settings_differences(stored, settings)
         raise ConfigError(f"the alpha sweep {path} ran under other settings than this grid ({'; '.join(diffs[:3])}): "
                           "rerun the sweep with the grid's settings or pass another --alphas_from")
     return tuple((env, arm, float(alpha)) for env, per_arm in data.get("chosen", {}).items()

@@ -199,8 +199,9 @@ def load_per_game(path: str | Path, settings: Mapping[str, Any],
                           "(or pass --starts_from)")
     stored = data.get("settings", {})
     if pc.settings_key(stored) != pc.settings_key(settings):
+        diffs = pc.settings_differences(stored, settings)
         raise ConfigError(f"the start rule {path} was measured under other settings than this run "
-                          f"({stored} vs {dict(settings)}): rerun --starts with these settings")
+                          f"({'; '.join(diffs[:3])}): rerun --starts with these settings")
     missing = [env for env in envs if env not in data.get("games", {})]
     if missing:
         raise ConfigError(f"the start rule {path} has no measurement for {missing}: run "
