@@ -17,6 +17,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = RESULTS_DIR.parent.parent
+
+
+def shown_path(path: str | Path) -> str:
+    """A path as a committed report should quote it: relative to the repository root when it lies
+    inside it (so a report does not carry one machine's checkout path), else unchanged."""
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved.relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
 
 
 def device_description() -> dict[str, Any]:

@@ -39,7 +39,10 @@ the mean of the windowed training success rate (metrics.jsonl's `success_rate`) 
 **final success**, `PPOTrainer.evaluate(eval_steps=512)` after the last update. The report gives mean ±
 SE per (game, arm), the paired differences coso - entropy, coso - none and coso_soft - coso (per seed,
 then their mean) with a 10,000-resample bootstrap 95% CI (fixed seed, `_common.bootstrap_mean_ci`), and
-calls a difference "separated" only when that interval excludes 0.
+calls a difference "separated" only when that interval excludes 0. A separate, post hoc section (not
+pre-registered, no separation claimed from it) pairs a uniform-entropy arm with a CoSo arm wherever the
+two ran a game at the same alpha (the chosen alphas and their 10x can coincide): the paper's claim that at
+equal weight uniform entropy breaks the answer format first.
 
 Runs are resumable: a run that finished has ``result.json`` (with its settings' fingerprint) and is
 skipped on the next invocation; one with settings other than the current ones stops the grid with one
@@ -87,6 +90,7 @@ from benchmarks._common import (
     fmt_mean_se,
     parse_seeds,
     read_json,
+    shown_path,
     write_json_atomic,
     write_results,
 )
@@ -164,6 +168,10 @@ CURVE_ARMS = ("none", "entropy", "coso", "coso_soft")  # the main figure's lines
 EXPLORATION_ARMS = ("entropy", "entropy_x10", "coso", "coso_x10")
 COMPARISONS = (("coso", "entropy"), ("coso", "none"), ("coso_soft", "coso"))  # paired: a - b per seed
 ENDPOINTS = {"auc": "AUC (mean training success)", "final": "final success (evaluate)"}
+# Post hoc, not pre-registered: pairs of a uniform-entropy arm and a CoSo arm that ran at the same alpha
+# in a game (the chosen alphas and their 10x can coincide), compared on these endpoints.
+SAME_ALPHA_ARMS = (("entropy", "entropy_x10"), ("coso", "coso_x10"))
+SAME_ALPHA_ENDPOINTS = ("auc", "final", "final_invalid")
 # Set by the grid itself (its axes), never through --set.
 GRID_FIELDS = ("env", "algo", "seed", "alpha", "causal.alpha", "soft_backup", "progress")
 
@@ -477,6 +485,7 @@ def collect(spec: GridSpec) -> dict[str, Any]:
     curves: dict[str, dict[str, list]] = {}
     invalid_curves: dict[str, dict[str, list]] = {}
     comparisons: dict[str, dict[str, Any]] = {}
+    same_alpha: dict[str, dict[str, Any]] = {}
     for env in spec.envs:
         table[env], curves[env], invalid_curves[env] = {}, {}, {}
         sft_eval = read_json(Path(spec.workdir) / f"sft_eval_{env}.json")
@@ -526,7 +535,25 @@ def collect(spec: GridSpec) -> dict[str, Any]:
             f"{a} - {b}": {endpoint: paired_difference(per_seed[a][endpoint], per_seed[b][endpoint])
                            for endpoint in ENDPOINTS}
             for a, b in COMPARISONS if a in spec.algos and b in spec.algos}
-    return {"table": table, "curves": curves, "invalid_curves": invalid_curves, "comparisons": comparisons}
+        same_alpha[env] = {
+            f"{c} - {e}": {"alpha": spec.alpha_or_none(env, c),
+                           **{endpoint: paired_difference(per_seed[c][endpoint], per_seed[e][endpoint])
+                              for endpoint in SAME_ALPHA_ENDPOINTS}}
+            for e, c in same_alpha_pairs(spec, env)}
+    return {"table": table, "curves": curves, "invalid_curves": invalid_curves, "comparisons": comparisons,
+            "same_alpha": same_alpha}
+
+
+def same_alpha_pairs(spec: GridSpec, env: str) -> list[tuple[str, str]]:
+    """(entropy arm, coso arm) pairs of this grid that ran `env` at the same alpha (post hoc)."""
+    entropy_arms, coso_arms = ([a for a in family if a in spec.algos] for family in SAME_ALPHA_ARMS)
+    pairs = []
+    for e in entropy_arms:
+        for c in coso_arms:
+            alpha_e, alpha_c = spec.alpha_or_none(env, e), spec.alpha_or_none(env, c)
+            if alpha_e is not None and alpha_c is not None and math.isclose(alpha_e, alpha_c, rel_tol=1e-9):
+                pairs.append((e, c))
+    return pairs
 
 
 def _fmt_diff(d: Mapping[str, Any]) -> str:
@@ -552,7 +579,8 @@ def statement(env: str, comparisons: Mapping[str, Any]) -> str:
     return f"{env}: " + "; ".join(parts) if parts else f"{env}: no paired comparison in this grid"
 
 
-def markdown(spec: GridSpec, table: dict[str, Any], comparisons: dict[str, Any], meta: dict[str, Any]) -> str:
+def markdown(spec: GridSpec, table: dict[str, Any], comparisons: dict[str, Any], meta: dict[str, Any],
+             same_alpha: Mapping[str, Any] | None = None) -> str:
     regime = fmt_regime(spec.overrides, spec.per_game)
     lines = [
         f"# gym_cards: CoSo vs entropy vs none ({spec.preset} preset, regime {regime})",
@@ -609,6 +637,17 @@ def markdown(spec: GridSpec, table: dict[str, Any], comparisons: dict[str, Any],
                              f"{fmt_mean_se(tuple(cell['auc']))} | {fmt_mean_se(tuple(cell['final_eval']))} | "
                              f"{fmt_mean_se(tuple(cell['train_invalid_action_rate']))} | "
                              f"{fmt_mean_se(tuple(cell['final_invalid_action_rate']))} |")
+    if same_alpha and any(same_alpha.values()):
+        lines += ["", "## Post hoc, not pre-registered: uniform entropy and CoSo at the same alpha", "",
+                  "Where a game's chosen alphas or their 10x coincide, the two arms differ only in the "
+                  "entropy term's weighting. Paired per seed (coso arm - entropy arm), percentage points, 95% "
+                  "bootstrap CI; `final invalid`: the final evaluation's invalid-action rate. Descriptive: "
+                  "these pairs were not declared before the grid, so no separation is claimed from them.", "",
+                  "| game | pair | alpha | pairs | AUC | final | final invalid |", "|---|---|---|---|---|---|---|"]
+        for env, per_env in same_alpha.items():
+            for name, d in per_env.items():
+                lines.append(f"| {env} | {name} | {fmt_alpha(d['alpha'])} | {d['final']['n']} | "
+                             + " | ".join(_fmt_diff(d[k]) for k in SAME_ALPHA_ENDPOINTS) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -624,7 +663,8 @@ def exploration_panels(spec: GridSpec, curves: Mapping[str, Any], invalid_curves
         for what, source in (("success", curves), ("invalid-action rate", invalid_curves)):
             panel = {arm.replace("_x10", " x10"): source[env][arm] for arm in arms if source[env].get(arm)}
             if panel:
-                panels[f"{env}: {what}" + (f" (alpha {alphas})" if alphas else "")] = panel
+                # The alphas on a second line: one line overflows a half-width panel.
+                panels[f"{env}: {what}" + (f"\n(alpha {alphas})" if alphas else "")] = panel
     return panels
 
 
@@ -717,17 +757,19 @@ def report(spec: GridSpec, out_dir: Path, tag: str, timings: dict[str, Any] | No
     results = [_read_result(spec.run_dir(e, a, s)) for e in spec.envs for a in spec.algos for s in spec.seeds]
     run_walls = sum(r.get("wall_s_this_invocation", 0.0) or 0.0 for r in results if r is not None)
     meta = {"device": device_description(),
-            "wall_time": (f"{run_walls / 60:.1f} min summed over runs"
-                          + ("" if wall is None else f"; this invocation {wall / 60:.1f} min"))}
-    md = markdown(spec, table, comparisons, meta)
+            "wall_time": (f"{run_walls / 60:.1f} min summed over {sum(r is not None for r in results)} runs"
+                          + ("" if wall is None else
+                             f"; the last recorded invocation trained {timings.get('runs_trained', '?')} runs "
+                             f"in {wall / 60:.1f} min"))}
+    md = markdown(spec, table, comparisons, meta, collected["same_alpha"])
     if web is not None:
-        md += ("\n## Device control: web/general, DigiRL backbone (benchmarks/results/web_digirl_cpu.json)\n\n"
+        md += (f"\n## Device control: web/general, DigiRL backbone ({shown_path(web_results)})\n\n"
                "| algo | seeds | test success | online success |\n|---|---|---|---|\n")
         for algo, row in web[1].items():
             md += (f"| {algo} | {len(row['seeds'])} | {fmt_mean_se((row['test_success_mean'], row['test_success_se']))} | "
                    f"{fmt_mean_se((row['online_success_mean'], row['online_success_se']))} |\n")
     if alfworld is not None:
-        md += alfworld_markdown(alfworld[1], str(alfworld_results))
+        md += alfworld_markdown(alfworld[1], shown_path(alfworld_results))
     (out_dir / f"paper_curves_{tag}.md").write_text(md)
     try:
         config_example = spec.config(spec.envs[0], spec.algos[0], spec.seeds[0]).to_flat_dict()
@@ -747,6 +789,7 @@ def report(spec: GridSpec, out_dir: Path, tag: str, timings: dict[str, Any] | No
         "dtype": "float32",
         "table": table,
         "comparisons": comparisons,
+        "same_alpha_post_hoc": collected["same_alpha"],
         "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "level": 0.95,
                       "statistic": "mean of the per-seed paired differences", "interval": "percentile"},
         "statements": [statement(env, per_env) for env, per_env in comparisons.items()],
@@ -758,10 +801,10 @@ def report(spec: GridSpec, out_dir: Path, tag: str, timings: dict[str, Any] | No
         "summed_run_wall_s": run_walls,
         "figure": png.name,
         "exploration_figure": explore_png.name if explore else None,
-        "device_control": None if web is None else {"source": str(web_results), "summary": web[1]},
+        "device_control": None if web is None else {"source": shown_path(web_results), "summary": web[1]},
     }
     if alfworld is not None:  # only then: the payload is unchanged without the ALFWorld results
-        payload["alfworld"] = {"source": str(alfworld_results), "table": alfworld[1].get("table"),
+        payload["alfworld"] = {"source": shown_path(alfworld_results), "table": alfworld[1].get("table"),
                                "task_types": alfworld[1].get("task_types"),
                                "eval": alfworld[1].get("eval"),
                                "paper_average_percent": PAPER_ALFWORLD_AVERAGE,
@@ -981,7 +1024,7 @@ def with_sweep_alphas(spec: GridSpec, args: argparse.Namespace, tag: str) -> Gri
     arms = spec.algos
     if getattr(args, "default_arms", False) and any(arm == "coso_soft" for _, arm, _ in alphas):
         arms = ("none", "entropy", "coso", "coso_soft") + tuple(a for a in GRID_ARMS if a.endswith("_x10"))
-    return dataclasses.replace(spec, algos=arms, alphas=alphas, alphas_source=str(path))
+    return dataclasses.replace(spec, algos=arms, alphas=alphas, alphas_source=shown_path(path))
 
 
 if __name__ == "__main__":

@@ -243,6 +243,38 @@ def test_grid_report_from_hand_made_runs(tmp_path):
     assert written["figure"] == "paper_curves_t.png" and written["exploration_figure"] == "paper_curves_exploration_t.png"
     assert written["alphas"]["per_game"]["NumberLine"]["entropy_x10"] == pytest.approx(1.0)
     assert written["bootstrap"]["resamples"] == 10_000
+    # Alphas 0.1 / 0.3 and their 10x never coincide: no post hoc same-alpha pair.
+    assert written["same_alpha_post_hoc"] == {"NumberLine": {}} and "Post hoc" not in md
+
+
+def test_same_alpha_pairs_are_reported_apart_as_post_hoc(tmp_path):
+    # Entropy at 0.1 (x10: 1) and coso at 1 (x10: 10), as the sweep chose for Blackjack: entropy_x10 and
+    # coso share alpha 1, the only pair of equal alphas.
+    arms = ("entropy", "coso", "entropy_x10", "coso_x10")
+    alphas = (("Blackjack", "entropy", 0.1), ("Blackjack", "coso", 1.0))
+    spec = pc.GridSpec(envs=("Blackjack",), algos=arms, seeds=(0, 1, 2, 3), workdir=str(tmp_path / "runs"),
+                       peak_min_episodes=1, alphas=alphas, alphas_source="sweep.json")
+    assert pc.same_alpha_pairs(spec, "Blackjack") == [("entropy_x10", "coso")]
+    finals = {"entropy": [0.3, 0.35, 0.3, 0.32], "coso": [0.34, 0.33, 0.36, 0.35],
+              "entropy_x10": [0.28, 0.28, 0.29, 0.28], "coso_x10": [0.27, 0.28, 0.28, 0.27]}
+    invalid = {"entropy": 0.2, "coso": 0.3, "entropy_x10": 1.0, "coso_x10": 0.9}
+    for arm in arms:
+        for seed in spec.seeds:
+            _fake_run(spec.run_dir("Blackjack", arm, seed), [(5, 0.3), (5, finals[arm][seed])], finals[arm][seed],
+                      invalid=invalid[arm] * (1 - 0.01 * seed))
+    payload = pc.report(spec, tmp_path / "out", "t", None)
+    pair = payload["same_alpha_post_hoc"]["Blackjack"]["coso - entropy_x10"]
+    assert pair["alpha"] == pytest.approx(1.0)
+    want = _plain_bootstrap(np.subtract(finals["coso"], finals["entropy_x10"]), 10_000, _common.BOOTSTRAP_SEED)
+    assert (pair["final"]["mean"], *pair["final"]["ci95"]) == pytest.approx(want)
+    # _fake_run's final evaluation reports half the training invalid rate.
+    inv_diffs = [(invalid["coso"] - invalid["entropy_x10"]) * (1 - 0.01 * s) / 2 for s in spec.seeds]
+    assert pair["final_invalid"]["mean"] == pytest.approx(np.mean(inv_diffs))
+    md = (tmp_path / "out" / "paper_curves_t.md").read_text()
+    section = md.split("## Post hoc, not pre-registered")[1]
+    assert "| Blackjack | coso - entropy_x10 | 1 | 4 |" in section
+    # The pre-registered statements never mention a post hoc pair.
+    assert "entropy_x10" not in " ".join(payload["statements"])
 
 
 def test_a_run_finished_under_other_settings_stops_the_grid(tmp_path):
@@ -374,3 +406,9 @@ def test_smoke_sweep_then_grid_finishes_skips_and_resumes(tmp_path):
     redrawn = pc.main(argv + ["--report_only"])
     assert redrawn["timings"]["grid_wall_s_this_invocation"] == history[-1]["grid_wall_s_this_invocation"]
     assert len(redrawn["timings_all_invocations"]) == 2
+
+
+def test_reports_quote_paths_inside_the_repository_relative_to_it(tmp_path):
+    inside = _common.RESULTS_DIR / "alpha_sweep_cpu.json"
+    assert _common.shown_path(inside) == "benchmarks/results/alpha_sweep_cpu.json"
+    assert _common.shown_path(tmp_path / "x.json") == str(tmp_path / "x.json")
