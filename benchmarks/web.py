@@ -11,7 +11,7 @@ Writes benchmarks/results/web_env_cpu.json. Each browser needs about 0.5 GB of m
 one CPU core: with more instances than cores the aggregate rate stops growing.
 
   python -m benchmarks.web --digirl [--seeds 0 1 2] [--online-iterations 4] [--budget-min 25]
-                            [--prompt-elements K] [--no-start-eval]
+                            [--prompt-elements K] [--no-start-eval] [--set FIELD=VALUE ...]
 
 The device-control comparison: DigiRL off2on (tiny_cpu preset) with algo none, entropy and coso on
 the general suite, seeds interleaved (seed 0 of every algo, then seed 1, ...), all in one process so
@@ -149,7 +149,7 @@ def run_digirl(args: argparse.Namespace) -> None:
     import logging
 
     logging.getLogger("absl").setLevel(logging.WARNING)
-    from coso_jax.rl.config import digirl_preset
+    from coso_jax.rl.config import DigiRLConfig, digirl_preset, parse_overrides
     from coso_jax.rl.digirl.trainer import DigiRLTrainer
 
     start_time = time.perf_counter()
@@ -159,6 +159,7 @@ def run_digirl(args: argparse.Namespace) -> None:
                      sft_dir=os.path.join(workdir, "sft"), progress=False)
     if args.prompt_elements is not None:
         overrides["prompt_elements"] = args.prompt_elements
+    overrides.update(parse_overrides(args.set, DigiRLConfig))
     runs, skipped, critic, start_test = [], [], None, None
     probe = digirl_preset("tiny_cpu", env="web/general", **overrides)
     start_cached = os.path.exists(os.path.join(probe.sft.dir, "summary.json"))  # built before this run's clock
@@ -293,6 +294,9 @@ def main() -> None:
                         help="tap targets listed in the prompt (default: the tiny_cpu preset's; 0: none)")
     parser.add_argument("--start-eval", action=argparse.BooleanOptionalAction, default=True,
                         help="evaluate the start on the test episodes before any RL")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="with --digirl: any DigiRLConfig field (flat or dotted name), for every run "
+                             "(repeatable; over the flags above)")
     parser.add_argument("--workdir", default="runs/bench_web_digirl")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors (also COSO_DEBUG=1)")
     args = parser.parse_args()
@@ -304,6 +308,8 @@ def main() -> None:
 def run_main(args: argparse.Namespace) -> None:
     from coso_jax.envs.web import browser_unavailable_reason
 
+    if args.set and not args.digirl:
+        raise SystemExit("--set: only with --digirl (the env-speed benchmark has no config to override)")
     reason = browser_unavailable_reason()
     if reason:
         raise SystemExit(f"cannot run the web benchmark: {reason}")
