@@ -164,6 +164,8 @@ ARMS: dict[str, Arm] = {
 SWEPT_ARMS = ("entropy", "coso", "coso_soft")
 # The grid's arms; coso_soft joins them when the sweep chose an alpha for it.
 GRID_ARMS = ("none", "entropy", "coso", "entropy_x10", "coso_x10")
+WEB_RESULTS_DEFAULT = str(RESULTS_DIR / "web_digirl_cpu.json")
+ALFWORLD_RESULTS_DEFAULT = str(RESULTS_DIR / "alfworld_compare_cpu.json")
 CURVE_ARMS = ("none", "entropy", "coso", "coso_soft")  # the main figure's lines
 EXPLORATION_ARMS = ("entropy", "entropy_x10", "coso", "coso_x10")
 COMPARISONS = (("coso", "entropy"), ("coso", "none"), ("coso_soft", "coso"))  # paired: a - b per seed
@@ -458,10 +460,25 @@ def game_overrides(overrides: Iterable[tuple[str, Any]], per_game: Iterable[tupl
     return tuple(sorted(values.items()))
 
 
+def read_input_json(path: str | Path, what: str, required: Sequence[str] = ()) -> Any:
+    """A JSON file given to this script (`what`: what it should be), or None if there is no such file;
+    ConfigError with one line if it is not JSON or lacks one of the `required` top-level keys."""
+    try:
+        data = read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}): pass {what}") from None
+    if data is not None:
+        missing = list(required) if not isinstance(data, dict) else [k for k in required if k not in data]
+        if missing:
+            raise ConfigError(f"{path} is not {what} (it has no {', '.join(repr(k) for k in missing)})")
+    return data
+
+
 def load_alphas(path: str | Path, settings: Mapping[str, Any], *, smoke: bool) -> tuple[tuple[str, str, float], ...]:
     """The sweep's chosen alphas from its JSON as (game, swept arm, alpha); ConfigError with one line if
-    the file is missing or the sweep ran under other settings than `settings`."""
-    data = read_json(path)
+    the file is missing, is not a sweep's JSON or the sweep ran under other settings than `settings`."""
+    data = read_input_json(path, "the alpha sweep's JSON (alpha_sweep_<tag>.json, written by --sweep)",
+                           ("settings", "chosen"))
     if data is None:
         raise ConfigError(f"no alpha sweep at {path}: run `python -m benchmarks.paper_curves --sweep"
                           f"{' --smoke' if smoke else ''}` first (or pass --alphas_from)")
@@ -671,7 +688,7 @@ def exploration_panels(spec: GridSpec, curves: Mapping[str, Any], invalid_curves
 def web_panel(path: Path) -> tuple[dict[str, list], dict[str, Any]] | None:
     """The device-control panel from `python -m benchmarks.web --digirl`'s JSON, if it exists:
     online success per iteration vs online trajectories, per algo over seeds, and its test summary."""
-    data = read_json(path)
+    data = read_input_json(path, "a `benchmarks.web --digirl` JSON", ("runs", "summary"))
     if data is None:
         return None
     curves: dict[str, list] = {}
@@ -686,7 +703,7 @@ def alfworld_panel(path: Path) -> tuple[dict[str, list], dict[str, Any]] | None:
     """The ALFWorld panel from `python -m benchmarks.alfworld --compare`'s JSON, if it exists: the
     training success curve (success over the last `success_window` episodes) vs env steps per algo
     over seeds, and the JSON itself (its per-task-type `table`)."""
-    data = read_json(path)
+    data = read_input_json(path, "a `benchmarks.alfworld --compare` JSON", ("runs", "table"))
     if data is None:
         return None
     curves: dict[str, list] = {}
@@ -858,13 +875,17 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, argparse.Namespa
     parser.add_argument("--report_only", action="store_true", help="only re-draw figures and tables")
     parser.add_argument("--no_progress", action="store_true")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors (also COSO_DEBUG=1)")
-    parser.add_argument("--web_results", default=str(RESULTS_DIR / "web_digirl_cpu.json"),
+    parser.add_argument("--web_results", default=WEB_RESULTS_DEFAULT,
                         help="benchmarks.web --digirl JSON drawn as the device-control panel if it exists "
                              "('' for none)")
-    parser.add_argument("--alfworld_results", default=str(RESULTS_DIR / "alfworld_compare_cpu.json"),
+    parser.add_argument("--alfworld_results", default=ALFWORLD_RESULTS_DEFAULT,
                         help="benchmarks.alfworld --compare JSON drawn as the ALFWorld panel and per-task-type "
                              "table if it exists ('' for none)")
     args = parser.parse_args(argv)
+    for flag, default in (("web_results", WEB_RESULTS_DEFAULT), ("alfworld_results", ALFWORLD_RESULTS_DEFAULT)):
+        value = getattr(args, flag)  # a file named on the command line must exist; the default may not
+        if value and value != default and not Path(value).is_file():
+            parser.error(f"--{flag} {value}: no such file ('' for no panel)")
 
     def split(text, allowed, what):
         items = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
@@ -991,6 +1012,10 @@ def _run(spec: Any, args: argparse.Namespace) -> dict[str, Any]:
         for env in spec.envs:  # every arm's alpha, before anything trains
             for arm in spec.algos:
                 spec.alpha(env, arm)
+    if args.report_only and not any(_read_result(spec.run_dir(e, a, s)) is not None
+                                    for e in spec.envs for a in spec.algos for s in spec.seeds):
+        raise ConfigError(f"no finished run of this grid under {spec.workdir}: nothing to report (train the "
+                          "grid first, or pass the --workdir that holds its runs)")
     timings = None if args.report_only else run_grid(spec)["timings"]
     return report(spec, Path(args.out), tag, timings,
                   web_results=Path(args.web_results) if args.web_results and not args.smoke else None,
@@ -998,16 +1023,26 @@ def _run(spec: Any, args: argparse.Namespace) -> dict[str, Any]:
                                     else None))
 
 
+def _note(message: str) -> None:
+    """One line on stderr for something the user should know but that does not stop the command."""
+    import sys
+
+    sys.stderr.write(f"note: {message}\n")
+
+
 def with_start_rule(spec: Any, args: argparse.Namespace, tag: str) -> Any:
     """The sweep or the grid with the start rule's per-game fields (benchmarks/start_rule.py). A smoke, or a
-    run that sets sft_epochs itself (--set), reads none; `--report_only` without the rule's JSON draws the
-    report without it."""
+    run that sets sft_epochs itself (--set), reads none; `--report_only` without the rule's JSON at its default
+    path draws the report without it and says so on stderr. A missing `--starts_from` file is a ConfigError."""
     from benchmarks import start_rule
 
     if args.smoke or start_rule.FIELD in getattr(args, "user_fields", ()):  # --set sft_epochs: every game's
         return spec
     path = Path(args.starts_from) if args.starts_from else Path(args.out) / f"start_rule_{tag}.json"
+    if args.starts_from and not path.is_file():
+        raise ConfigError(f"--starts_from {path}: no such file")
     if args.report_only and not path.exists():
+        _note(f"no start rule at {path}: the report states none (pass --starts_from to use one)")
         return spec
     per_game = start_rule.load_per_game(path, settings_of(spec.preset, spec.overrides), spec.envs)
     return dataclasses.replace(spec, per_game=per_game)
@@ -1015,10 +1050,14 @@ def with_start_rule(spec: Any, args: argparse.Namespace, tag: str) -> Any:
 
 def with_sweep_alphas(spec: GridSpec, args: argparse.Namespace, tag: str) -> GridSpec:
     """The grid with the sweep's alphas (and, with the default arms, coso_soft when the sweep chose an alpha
-    for it). `--report_only` without the sweep's JSON draws the report without alphas."""
+    for it). `--report_only` without the sweep's JSON at its default path draws the report without alphas
+    and says so on stderr. A missing `--alphas_from` file is a ConfigError."""
     default = Path(SWEEP_SMOKE_WORKDIR) / "alpha_sweep_smoke.json" if args.smoke else Path(args.out) / f"alpha_sweep_{tag}.json"
     path = Path(args.alphas_from) if args.alphas_from else default
+    if args.alphas_from and not path.is_file():
+        raise ConfigError(f"--alphas_from {path}: no such file")
     if args.report_only and not path.exists():
+        _note(f"no alpha sweep at {path}: the report shows no alphas (pass --alphas_from to use one)")
         return spec
     alphas = load_alphas(path, settings_of(spec.preset, spec.overrides, spec.per_game), smoke=args.smoke)
     arms = spec.algos

@@ -193,7 +193,8 @@ def load_per_game(path: str | Path, settings: Mapping[str, Any],
     chose a value for (not only `envs`, so a sweep and a grid over different games still agree on their
     settings); ConfigError with one line if the file is missing, was measured under other settings, or
     has no measurement for one of `envs`."""
-    data = read_json(path)
+    data = pc.read_input_json(path, "the start rule's JSON (start_rule_<tag>.json, written by --starts)",
+                              ("settings", "games", "per_game"))
     if data is None:
         raise ConfigError(f"no start rule at {path}: run `python -m benchmarks.paper_curves --starts` first "
                           "(or pass --starts_from)")

@@ -346,15 +346,55 @@ def test_grid_takes_its_alphas_and_the_coso_soft_arm_from_the_sweep(tmp_path):
     assert pc.parse_args(["--sweep", "--seeds=100"])[0].seeds == (100,)  # a seed, not a count
 
 
-def test_grid_refuses_to_start_without_the_sweep(tmp_path, capsys):
+def test_grid_refuses_to_start_without_the_sweep(tmp_path, capsys, monkeypatch):
     argv = ["--smoke", "--envs=NumberLine", "--arms=coso", "--no_progress", f"--workdir={tmp_path / 'runs'}",
             f"--alphas_from={tmp_path / 'none.json'}"]
     with pytest.raises(SystemExit) as exit_info:
         pc.main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: no alpha sweep at {tmp_path / 'none.json'}")
+    assert err == [f"error: --alphas_from {tmp_path / 'none.json'}: no such file"]
     assert not (tmp_path / "runs" / "NumberLine").exists()
+    # Without --alphas_from, the default sweep file is looked for and its absence explained.
+    monkeypatch.setattr(pc, "SWEEP_SMOKE_WORKDIR", str(tmp_path / "no_sweep"))
+    with pytest.raises(SystemExit):
+        pc.main(argv[:-1])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: no alpha sweep at {tmp_path / 'no_sweep'}")
+
+
+def test_input_files_that_are_not_what_they_should_be_are_one_line_errors(tmp_path, capsys):
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "other.json").write_text(json.dumps({"table": {}}))
+    (tmp_path / "web.json").write_text(json.dumps({"runs": [], "summary": {}}))
+    for argv, message in [
+        (["--alphas_from", str(tmp_path / "bad.json")], f"error: {tmp_path / 'bad.json'} is not valid JSON ("),
+        (["--alphas_from", str(tmp_path / "other.json")],
+         f"error: {tmp_path / 'other.json'} is not the alpha sweep's JSON"),
+        (["--starts_from", str(tmp_path / "other.json")],
+         f"error: {tmp_path / 'other.json'} is not the start rule's JSON"),
+        (["--starts_from", str(tmp_path / "none.json")], f"error: --starts_from {tmp_path / 'none.json'}: no such file"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            pc.main(["--report_only", "--no_progress", f"--out={tmp_path / 'out'}", *argv])
+        assert exit_info.value.code == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(message) and not any("Traceback" in line for line in err), (argv, err)
+    # A report of a work directory without one finished run would be a table of n/a: an error instead.
+    with pytest.raises(SystemExit) as exit_info:
+        pc.main(["--report_only", "--no_progress", f"--out={tmp_path / 'out'}", f"--workdir={tmp_path / 'empty'}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    # The report states what it lacks (no start rule, no sweep at the default paths), then stops.
+    assert [line.split(":")[0] for line in err] == ["note", "note", "error"]
+    assert err[-1] == (f"error: no finished run of this grid under {tmp_path / 'empty'}: nothing to report (train "
+                       "the grid first, or pass the --workdir that holds its runs)")
+    with pytest.raises(SystemExit):
+        pc.parse_args(["--report_only", "--web_results", str(tmp_path / "none.json")])
+    assert f"--web_results {tmp_path / 'none.json'}: no such file" in capsys.readouterr().err
+    assert pc.web_panel(tmp_path / "web.json") == ({}, {})
+    with pytest.raises(pc.ConfigError, match="is not a `benchmarks.alfworld --compare` JSON"):
+        pc.alfworld_panel(tmp_path / "web.json")
 
 
 def test_smoke_sweep_then_grid_finishes_skips_and_resumes(tmp_path):

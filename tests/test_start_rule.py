@@ -88,7 +88,11 @@ def test_missing_or_incomplete_start_rule_is_one_clear_line(tmp_path, capsys):
         pc.main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: no start rule at {tmp_path / 'none.json'}")
+    assert err == [f"error: --starts_from {tmp_path / 'none.json'}: no such file"]
+    with pytest.raises(SystemExit) as exit_info:  # the default, <out>/start_rule_<tag>.json, is missing too
+        pc.main([*argv[:-2], f"--out={tmp_path / 'out'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: no start rule at {tmp_path / 'out' / 'start_rule_cpu.json'}")
     assert not (tmp_path / "runs").exists()
 
 
