@@ -21,8 +21,10 @@ WEIGHT_COLORMAP = LinearSegmentedColormap.from_list("coso_weights", ["#ffffff", 
 
 
 def _display(token: str) -> str:
-    # Make whitespace visible and keep mathtext from interpreting '$'.
-    return token.replace("\n", "\\n").replace("$", r"\$") or " "
+    # Make newlines and other control characters visible (the font has no glyph for them: matplotlib
+    # warns once per character) and keep mathtext from interpreting '$'.
+    token = token.replace("\n", "\\n").replace("$", r"\$")
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in token) or " "
 
 
 def render_token_heatmap(tokens: Sequence[Sequence[str]], weights, path, *,
