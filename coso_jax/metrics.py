@@ -164,7 +164,8 @@ class MetricsWriter:
         """Appends one record and returns it (as written).
 
         ``scalars`` values may be Python, numpy or JAX scalars (JAX values are fetched, which
-        waits for them); strings are kept in the JSONL but not sent to TensorBoard.
+        waits for them); strings, and missing values (None, NaN or inf; null in the JSONL), are kept in
+        the JSONL but not sent to TensorBoard.
         Records must come in increasing ``step`` order.
         """
         step = int(step)
@@ -185,10 +186,10 @@ class MetricsWriter:
         self._last_step = step
         if self._tb is not None:
             for key, value in record.items():
-                if key in ("step", "time") or isinstance(value, str):
+                # A missing value (None: NaN or inf in the JSONL) is left out of TensorBoard, which would
+                # draw nothing for it anyway; tensorboardX warns on every non-finite scalar.
+                if key in ("step", "time") or isinstance(value, str) or value is None:
                     continue
-                if value is None:
-                    value = float("nan")
                 self._tb.add_scalar(key, float(value), global_step=step)
         return record
 

@@ -61,6 +61,7 @@ def test_jsonl_round_trip_and_tensorboard(tmp_path: Path):
     # The event file holds our scalar tags (tensorboardX writes serialized protos; tag names appear verbatim).
     blob = b"".join(e.read_bytes() for e in events)
     assert b"success_rate" in blob and b"env_steps" in blob
+    assert b"nan_loss" not in blob  # a missing value is left out, not written as NaN (tensorboardX warns)
 
 
 def test_resume_drops_records_after_resumed_step(tmp_path: Path):
