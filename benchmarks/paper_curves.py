@@ -44,6 +44,11 @@ pre-registered, no separation claimed from it) pairs a uniform-entropy arm with 
 two ran a game at the same alpha (the chosen alphas and their 10x can coincide): the paper's claim that at
 equal weight uniform entropy breaks the answer format first.
 
+The start's own success (the "SFT start" column) comes from the grid's evaluation of it (512 env steps,
+written with the first run) or, with ``--start_eval_steps N`` (also with ``--report_only``), from a longer
+evaluation of the same cached start on N env steps (``<workdir>/sft_eval_<game>_<N>_steps.json``, once): the
+one with more episodes is reported, with its binomial standard error.
+
 Runs are resumable: a run that finished has ``result.json`` (with its settings' fingerprint) and is
 skipped on the next invocation; one with settings other than the current ones stops the grid with one
 line; an interrupted run resumes from its last checkpoint. All runs of a game share one cached SFT start
@@ -495,6 +500,56 @@ def load_alphas(path: str | Path, settings: Mapping[str, Any], *, smoke: bool) -
 mean_se = metrics_lib.mean_and_se  # (mean, standard error) of finite values
 
 
+def start_eval_path(workdir: str | Path, env: str, eval_steps: int | None = None) -> Path:
+    """Where a game's SFT start evaluation lives: the grid's own (`eval_steps` None, written with the first
+    run) or a longer one of `eval_steps` env steps (`--start_eval_steps`)."""
+    suffix = "" if eval_steps is None else f"_{eval_steps}_steps"
+    return Path(workdir) / f"sft_eval_{env}{suffix}.json"
+
+
+def start_measurement(workdir: str | Path, env: str) -> dict[str, Any] | None:
+    """The game's SFT start evaluation with the most episodes (the grid's, or a longer one), or None."""
+    found = [read_json(p) for p in sorted(Path(workdir).glob(f"sft_eval_{env}*.json"))
+             if p.name == start_eval_path(workdir, env).name or p.name.endswith("_steps.json")]
+    found = [f for f in found if f is not None]
+    return max(found, key=lambda f: f.get("episodes", 0)) if found else None
+
+
+def measure_starts(spec: GridSpec, eval_steps: int) -> dict[str, dict[str, Any]]:
+    """Evaluates each game's cached SFT start on `eval_steps` env steps (the same evaluation as every final
+    policy, longer, so the start's success has a smaller standard error) and writes
+    <workdir>/sft_eval_<game>_<eval_steps>_steps.json; a game already measured at that length is read back.
+    ConfigError if a game's start has not been built (run the grid first)."""
+    import tempfile
+
+    from coso_jax.rl.ppo.trainer import PPOTrainer
+
+    out = {}
+    for env in spec.envs:
+        path = start_eval_path(spec.workdir, env, eval_steps)
+        if (done := read_json(path)) is not None:
+            out[env] = done
+            continue
+        config = spec.config(env, "none", spec.seeds[0])
+        sft_dir = _sft_dir(spec.workdir, config)
+        if not (sft_dir / "summary.json").exists():
+            raise ConfigError(f"no SFT start of {env} under {spec.workdir}/sft: run the grid first (the start "
+                              "is built by its first run), or pass the --workdir that holds it")
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(dir=spec.workdir) as run_dir:  # the trainer's files are not kept
+            trainer = PPOTrainer(config.replace(sft_dir=str(sft_dir)), run_dir)
+            try:
+                result = dict(trainer.evaluate(eval_steps), eval_steps=eval_steps)
+            finally:
+                trainer.close()
+        result["wall_s"] = time.perf_counter() - t0
+        write_json_atomic(path, result)
+        print(f"{env}: SFT start success {result['success_rate']:.3f} over {result['episodes']} episodes "
+              f"({eval_steps} env steps, {result['wall_s']:.0f} s)", flush=True)
+        out[env] = result
+    return out
+
+
 def collect(spec: GridSpec) -> dict[str, Any]:
     """Reads every finished run of the grid: curves, endpoints, per (game, arm), and the paired
     differences with bootstrap CIs."""
@@ -505,7 +560,7 @@ def collect(spec: GridSpec) -> dict[str, Any]:
     same_alpha: dict[str, dict[str, Any]] = {}
     for env in spec.envs:
         table[env], curves[env], invalid_curves[env] = {}, {}, {}
-        sft_eval = read_json(Path(spec.workdir) / f"sft_eval_{env}.json")
+        sft_eval = start_measurement(spec.workdir, env)
         per_seed: dict[str, dict[str, dict[int, float]]] = {}
         for arm in spec.algos:
             runs, invalid_runs = [], []
@@ -548,6 +603,8 @@ def collect(spec: GridSpec) -> dict[str, Any]:
                 "per_seed": {str(s): {k: values[k].get(s) for k in values} for s in seeds},
             }
         table[env]["sft_start_eval"] = None if sft_eval is None else sft_eval["success_rate"]
+        table[env]["sft_start_episodes"] = None if sft_eval is None else sft_eval.get("episodes")
+        table[env]["sft_start_eval_steps"] = None if sft_eval is None else sft_eval.get("eval_steps", spec.eval_steps)
         comparisons[env] = {
             f"{a} - {b}": {endpoint: paired_difference(per_seed[a][endpoint], per_seed[b][endpoint])
                            for endpoint in ENDPOINTS}
@@ -571,6 +628,15 @@ def same_alpha_pairs(spec: GridSpec, env: str) -> list[tuple[str, str]]:
             if alpha_e is not None and alpha_c is not None and math.isclose(alpha_e, alpha_c, rel_tol=1e-9):
                 pairs.append((e, c))
     return pairs
+
+
+def fmt_start(success: float | None, episodes: int | None) -> str:
+    """A start's success in %, ± the binomial standard error sqrt(p (1 - p) / n) when n is known."""
+    if success is None:
+        return "n/a"
+    if not episodes:
+        return f"{100 * success:.1f}"
+    return f"{100 * success:.1f} ± {100 * math.sqrt(success * (1 - success) / episodes):.1f}"
 
 
 def _fmt_diff(d: Mapping[str, Any]) -> str:
@@ -605,7 +671,9 @@ def markdown(spec: GridSpec, table: dict[str, Any], comparisons: dict[str, Any],
         f"Success rate in %, mean ± standard error over seeds {list(spec.seeds)} (paired: one SFT start per "
         f"game, the same env seeds for every arm). `AUC`: mean of the training curve (success over the last "
         f"`success_window` episodes) over the iterations. `final`: final policy on fresh envs "
-        f"({spec.eval_steps} env steps). `peak`: maximum of the training curve once >= "
+        f"({spec.eval_steps} env steps). `SFT start`: the start's success on fresh envs ± its binomial standard "
+        f"error, from its evaluation with the most episodes (the grid's, or a longer `--start_eval_steps` one). "
+        f"`peak`: maximum of the training curve once >= "
         f"{spec.peak_min_episodes} episodes have finished. `invalid`: invalid-action rate of the final "
         f"evaluation. Alphas: chosen by the alpha sweep ({spec.alphas_source or 'none given'}); x10 arms at "
         f"10x. Device: {meta['device']['platform']} ({meta['device']['cpu_count']} cores). Grid wall time: "
@@ -622,7 +690,7 @@ def markdown(spec: GridSpec, table: dict[str, Any], comparisons: dict[str, Any],
             cell = row[arm]
             lines.append(
                 f"| {env} | {arm} | {fmt_alpha(cell['alpha'])} | {cell['seeds']} | "
-                f"{'n/a' if sft is None else f'{100 * sft:.1f}'} | {fmt_mean_se(tuple(cell['auc']))} | "
+                f"{fmt_start(sft, row.get('sft_start_episodes'))} | {fmt_mean_se(tuple(cell['auc']))} | "
                 f"{fmt_mean_se(tuple(cell['final_eval']))} | {fmt_mean_se(tuple(cell['peak_train_window']))} | "
                 f"{fmt_mean_se(tuple(cell['final_invalid_action_rate']))} | "
                 f"{paper.get('rl4vlm_ppo', 'n/a') if arm == 'none' else ''} | "
@@ -873,6 +941,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, argparse.Namespa
                              f"{list(GRID_FIELDS)}, for every run (repeatable)")
     parser.add_argument("--smoke", action="store_true", help="the first seed only, 2 tiny iterations per run")
     parser.add_argument("--report_only", action="store_true", help="only re-draw figures and tables")
+    parser.add_argument("--start_eval_steps", type=int, default=None,
+                        help="grid: also evaluate each game's SFT start on this many env steps (once; cached in "
+                             "the workdir) and report the start from it, for a smaller standard error than the "
+                             "grid's own evaluation; works with --report_only")
     parser.add_argument("--no_progress", action="store_true")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors (also COSO_DEBUG=1)")
     parser.add_argument("--web_results", default=WEB_RESULTS_DEFAULT,
@@ -927,6 +999,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, argparse.Namespa
         parser.error("--alphas: only with --sweep (the grid takes its alphas from the sweep, --alphas_from)")
     if args.alphas_from is not None and args.sweep:
         parser.error("--alphas_from: only without --sweep")
+    if args.start_eval_steps is not None and (args.sweep or args.starts):
+        parser.error("--start_eval_steps: only for the grid (not with --sweep or --starts)")
+    if args.start_eval_steps is not None and args.start_eval_steps <= 0:
+        parser.error(f"--start_eval_steps must be positive, got {args.start_eval_steps}")
     alphas = PREREGISTERED_ALPHAS
     if args.alphas is not None:
         try:
@@ -1017,6 +1093,8 @@ def _run(spec: Any, args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"no finished run of this grid under {spec.workdir}: nothing to report (train the "
                           "grid first, or pass the --workdir that holds its runs)")
     timings = None if args.report_only else run_grid(spec)["timings"]
+    if args.start_eval_steps:
+        measure_starts(spec, args.start_eval_steps)
     return report(spec, Path(args.out), tag, timings,
                   web_results=Path(args.web_results) if args.web_results and not args.smoke else None,
                   alfworld_results=(Path(args.alfworld_results) if args.alfworld_results and not args.smoke

@@ -307,7 +307,9 @@ def test_bad_flags_are_clear_errors(capsys):
                           (["--sweep", "--arms=none"], "--arms: unknown ['none']"),
                           (["--alphas=0.1"], "--alphas: only with --sweep"),
                           (["--sweep", "--alphas=0,0.1"], "--alphas must be positive"),
-                          (["--sweep", "--alphas_from=x.json"], "--alphas_from: only without --sweep")]:
+                          (["--sweep", "--alphas_from=x.json"], "--alphas_from: only without --sweep"),
+                          (["--sweep", "--start_eval_steps=64"], "--start_eval_steps: only for the grid"),
+                          (["--start_eval_steps=0"], "--start_eval_steps must be positive")]:
         with pytest.raises(SystemExit):
             pc.parse_args(argv)
         assert message in capsys.readouterr().err, argv
@@ -446,6 +448,34 @@ def test_smoke_sweep_then_grid_finishes_skips_and_resumes(tmp_path):
     redrawn = pc.main(argv + ["--report_only"])
     assert redrawn["timings"]["grid_wall_s_this_invocation"] == history[-1]["grid_wall_s_this_invocation"]
     assert len(redrawn["timings_all_invocations"]) == 2
+
+    # A longer evaluation of the cached start replaces the grid's own in the report (more episodes), once.
+    grid_start = json.loads((tmp_path / "runs" / "sft_eval_NumberLine.json").read_text())
+    longer = pc.main(argv + ["--report_only", "--start_eval_steps=64"])
+    measured = json.loads((tmp_path / "runs" / "sft_eval_NumberLine_64_steps.json").read_text())
+    assert measured["eval_steps"] == 64 and measured["episodes"] > grid_start["episodes"]
+    table = longer["table"]["NumberLine"]
+    assert (table["sft_start_eval"], table["sft_start_episodes"], table["sft_start_eval_steps"]) == (
+        measured["success_rate"], measured["episodes"], 64)
+    assert [p.name for p in (tmp_path / "runs").iterdir() if p.name.startswith("tmp")] == []  # no leftovers
+    mtime = (tmp_path / "runs" / "sft_eval_NumberLine_64_steps.json").stat().st_mtime_ns
+    pc.main(argv + ["--report_only", "--start_eval_steps=64"])  # cached: not measured again
+    assert (tmp_path / "runs" / "sft_eval_NumberLine_64_steps.json").stat().st_mtime_ns == mtime
+
+
+def test_the_start_is_reported_from_its_evaluation_with_the_most_episodes(tmp_path):
+    assert pc.start_measurement(tmp_path, "NumberLine") is None
+    (tmp_path / "sft_eval_NumberLine.json").write_text(json.dumps({"success_rate": 0.4, "episodes": 84}))
+    (tmp_path / "sft_eval_NumberLine_2048_steps.json").write_text(json.dumps({"success_rate": 0.33, "episodes": 338}))
+    (tmp_path / "sft_eval_NumberLineX.json").write_text(json.dumps({"success_rate": 1.0, "episodes": 9999}))
+    assert pc.start_measurement(tmp_path, "NumberLine")["episodes"] == 338
+    # Binomial standard error sqrt(p (1 - p) / n), in percentage points.
+    assert pc.fmt_start(0.33, 338) == f"33.0 ± {100 * np.sqrt(0.33 * 0.67 / 338):.1f}"
+    assert pc.fmt_start(0.4, None) == "40.0" and pc.fmt_start(None, 10) == "n/a"
+    spec = pc.GridSpec(envs=("NumberLine",), algos=("none",), workdir=str(tmp_path / "empty"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(pc.ConfigError, match="no SFT start of NumberLine .*run the grid first"):
+        pc.measure_starts(spec, 64)
 
 
 def test_reports_quote_paths_inside_the_repository_relative_to_it(tmp_path):
