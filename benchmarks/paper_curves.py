@@ -80,6 +80,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -179,6 +180,7 @@ ENDPOINTS = {"auc": "AUC (mean training success)", "final": "final success (eval
 # in a game (the chosen alphas and their 10x can coincide), compared on these endpoints.
 SAME_ALPHA_ARMS = (("entropy", "entropy_x10"), ("coso", "coso_x10"))
 SAME_ALPHA_ENDPOINTS = ("auc", "final", "final_invalid")
+PREREGISTERED_PAIRS = frozenset(f"{a} - {b}" for a, b in COMPARISONS)
 # Set by the grid itself (its axes), never through --set.
 GRID_FIELDS = ("env", "algo", "seed", "alpha", "causal.alpha", "soft_backup", "progress")
 
@@ -470,8 +472,8 @@ def read_input_json(path: str | Path, what: str, required: Sequence[str] = ()) -
     ConfigError with one line if it is not JSON or lacks one of the `required` top-level keys."""
     try:
         data = read_json(path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}): pass {what}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError) as e:
+        raise ConfigError(f"{path} is not a valid JSON file ({e}): pass {what}") from None
     if data is not None:
         missing = list(required) if not isinstance(data, dict) else [k for k in required if k not in data]
         if missing:
@@ -509,8 +511,9 @@ def start_eval_path(workdir: str | Path, env: str, eval_steps: int | None = None
 
 def start_measurement(workdir: str | Path, env: str) -> dict[str, Any] | None:
     """The game's SFT start evaluation with the most episodes (the grid's, or a longer one), or None."""
-    found = [read_json(p) for p in sorted(Path(workdir).glob(f"sft_eval_{env}*.json"))
-             if p.name == start_eval_path(workdir, env).name or p.name.endswith("_steps.json")]
+    pattern = re.compile(rf"sft_eval_{re.escape(env)}(_\d+_steps)?\.json")  # not another game's whose name
+    found = [read_json(p) for p in sorted(Path(workdir).glob(f"sft_eval_{env}*.json"))  # starts with env
+             if pattern.fullmatch(p.name)]
     found = [f for f in found if f is not None]
     return max(found, key=lambda f: f.get("episodes", 0)) if found else None
 
@@ -527,19 +530,20 @@ def measure_starts(spec: GridSpec, eval_steps: int) -> dict[str, dict[str, Any]]
     out = {}
     for env in spec.envs:
         path = start_eval_path(spec.workdir, env, eval_steps)
-        if (done := read_json(path)) is not None:
-            out[env] = done
-            continue
         config = spec.config(env, "none", spec.seeds[0])
         sft_dir = _sft_dir(spec.workdir, config)
+        if (done := read_json(path)) is not None and done.get("start") == sft_dir.name:
+            out[env] = done  # measured before, of this start (another start's measurement is redone)
+            continue
         if not (sft_dir / "summary.json").exists():
-            raise ConfigError(f"no SFT start of {env} under {spec.workdir}/sft: run the grid first (the start "
-                              "is built by its first run), or pass the --workdir that holds it")
+            raise ConfigError(f"no SFT start of {env} for these settings under {spec.workdir}/sft: run the grid "
+                              "first (its first run builds the start), or pass the --workdir and --starts_from "
+                              "it ran with")
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(dir=spec.workdir) as run_dir:  # the trainer's files are not kept
             trainer = PPOTrainer(config.replace(sft_dir=str(sft_dir)), run_dir)
             try:
-                result = dict(trainer.evaluate(eval_steps), eval_steps=eval_steps)
+                result = dict(trainer.evaluate(eval_steps), eval_steps=eval_steps, start=sft_dir.name)
             finally:
                 trainer.close()
         result["wall_s"] = time.perf_counter() - t0
@@ -636,6 +640,8 @@ def fmt_start(success: float | None, episodes: int | None) -> str:
         return "n/a"
     if not episodes:
         return f"{100 * success:.1f}"
+    if success in (0.0, 1.0):  # the binomial SE is 0 there, which would read as exact
+        return f"{100 * success:.1f} ({round(success * episodes)} of {episodes})"
     return f"{100 * success:.1f} ± {100 * math.sqrt(success * (1 - success) / episodes):.1f}"
 
 
@@ -727,11 +733,14 @@ def markdown(spec: GridSpec, table: dict[str, Any], comparisons: dict[str, Any],
                   "Where a game's chosen alphas or their 10x coincide, the two arms differ only in the "
                   "entropy term's weighting. Paired per seed (coso arm - entropy arm), percentage points, 95% "
                   "bootstrap CI; `final invalid`: the final evaluation's invalid-action rate. Descriptive: "
-                  "these pairs were not declared before the grid, so no separation is claimed from them.", "",
+                  "these pairs were not declared before the grid, so no separation is claimed from them "
+                  "(except `coso - entropy` where the chosen alphas coincide: the pre-registered comparison "
+                  "above, repeated here, which adds `final invalid`).", "",
                   "| game | pair | alpha | pairs | AUC | final | final invalid |", "|---|---|---|---|---|---|---|"]
         for env, per_env in same_alpha.items():
             for name, d in per_env.items():
-                lines.append(f"| {env} | {name} | {fmt_alpha(d['alpha'])} | {d['final']['n']} | "
+                shown = name + (" (pre-registered above)" if name in PREREGISTERED_PAIRS else "")
+                lines.append(f"| {env} | {shown} | {fmt_alpha(d['alpha'])} | {d['final']['n']} | "
                              + " | ".join(_fmt_diff(d[k]) for k in SAME_ALPHA_ENDPOINTS) + " |")
     return "\n".join(lines) + "\n"
 
@@ -755,7 +764,8 @@ def exploration_panels(spec: GridSpec, curves: Mapping[str, Any], invalid_curves
 
 def web_panel(path: Path) -> tuple[dict[str, list], dict[str, Any]] | None:
     """The device-control panel from `python -m benchmarks.web --digirl`'s JSON, if it exists:
-    online success per iteration vs online trajectories, per algo over seeds, and its test summary."""
+    online success per iteration vs online trajectories, per algo over seeds, and its test summary.
+    ConfigError if the file is not valid JSON or not that benchmark's (no `runs` / `summary`)."""
     data = read_input_json(path, "a `benchmarks.web --digirl` JSON", ("runs", "summary"))
     if data is None:
         return None
@@ -770,7 +780,8 @@ def web_panel(path: Path) -> tuple[dict[str, list], dict[str, Any]] | None:
 def alfworld_panel(path: Path) -> tuple[dict[str, list], dict[str, Any]] | None:
     """The ALFWorld panel from `python -m benchmarks.alfworld --compare`'s JSON, if it exists: the
     training success curve (success over the last `success_window` episodes) vs env steps per algo
-    over seeds, and the JSON itself (its per-task-type `table`)."""
+    over seeds, and the JSON itself (its per-task-type `table`). ConfigError if the file is not valid JSON
+    or not that benchmark's (no `runs` / `table`)."""
     data = read_input_json(path, "a `benchmarks.alfworld --compare` JSON", ("runs", "table"))
     if data is None:
         return None
@@ -838,13 +849,15 @@ def report(spec: GridSpec, out_dir: Path, tag: str, timings: dict[str, Any] | No
     history = read_json(_timings_path(spec.workdir)) or []
     if timings is None:  # --report_only: the latest invocation that trained something
         timings = history[-1] if history else {}
-    wall = timings.get("grid_wall_s_this_invocation")
+    # The wall-time line states the latest invocation that trained (this one unless it trained nothing).
+    recorded = timings if timings.get("runs_trained") or not history else history[-1]
+    wall = recorded.get("grid_wall_s_this_invocation")
     results = [_read_result(spec.run_dir(e, a, s)) for e in spec.envs for a in spec.algos for s in spec.seeds]
     run_walls = sum(r.get("wall_s_this_invocation", 0.0) or 0.0 for r in results if r is not None)
     meta = {"device": device_description(),
             "wall_time": (f"{run_walls / 60:.1f} min summed over {sum(r is not None for r in results)} runs"
                           + ("" if wall is None else
-                             f"; the last recorded invocation trained {timings.get('runs_trained', '?')} runs "
+                             f"; the last recorded invocation trained {recorded.get('runs_trained', '?')} runs "
                              f"in {wall / 60:.1f} min"))}
     md = markdown(spec, table, comparisons, meta, collected["same_alpha"])
     if web is not None:
@@ -957,7 +970,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Any, argparse.Namespa
     for flag, default in (("web_results", WEB_RESULTS_DEFAULT), ("alfworld_results", ALFWORLD_RESULTS_DEFAULT)):
         value = getattr(args, flag)  # a file named on the command line must exist; the default may not
         if value and value != default and not Path(value).is_file():
-            parser.error(f"--{flag} {value}: no such file ('' for no panel)")
+            parser.error(f"--{flag} {value}: not a file (pass the benchmark's JSON, or '' for no panel)")
 
     def split(text, allowed, what):
         items = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
@@ -1118,7 +1131,7 @@ def with_start_rule(spec: Any, args: argparse.Namespace, tag: str) -> Any:
         return spec
     path = Path(args.starts_from) if args.starts_from else Path(args.out) / f"start_rule_{tag}.json"
     if args.starts_from and not path.is_file():
-        raise ConfigError(f"--starts_from {path}: no such file")
+        raise ConfigError(f"--starts_from {path}: not a file (pass the start_rule_<tag>.json that --starts wrote)")
     if args.report_only and not path.exists():
         _note(f"no start rule at {path}: the report states none (pass --starts_from to use one)")
         return spec
@@ -1133,7 +1146,7 @@ def with_sweep_alphas(spec: GridSpec, args: argparse.Namespace, tag: str) -> Gri
     default = Path(SWEEP_SMOKE_WORKDIR) / "alpha_sweep_smoke.json" if args.smoke else Path(args.out) / f"alpha_sweep_{tag}.json"
     path = Path(args.alphas_from) if args.alphas_from else default
     if args.alphas_from and not path.is_file():
-        raise ConfigError(f"--alphas_from {path}: no such file")
+        raise ConfigError(f"--alphas_from {path}: not a file (pass the alpha_sweep_<tag>.json that --sweep wrote)")
     if args.report_only and not path.exists():
         _note(f"no alpha sweep at {path}: the report shows no alphas (pass --alphas_from to use one)")
         return spec

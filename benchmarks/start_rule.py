@@ -191,8 +191,8 @@ def load_per_game(path: str | Path, settings: Mapping[str, Any],
                   envs: Iterable[str]) -> tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]:
     """The start rule's per-game overrides as ((game, ((field, value),)), ...), for every game the file
     chose a value for (not only `envs`, so a sweep and a grid over different games still agree on their
-    settings); ConfigError with one line if the file is missing, was measured under other settings, or
-    has no measurement for one of `envs`."""
+    settings); ConfigError with one line if the file is missing, is not valid JSON or not a start rule's,
+    was measured under other settings, or has no measurement for one of `envs`."""
     data = pc.read_input_json(path, "the start rule's JSON (start_rule_<tag>.json, written by --starts)",
                               ("settings", "games", "per_game"))
     if data is None:

@@ -149,7 +149,7 @@ def run_digirl(args: argparse.Namespace) -> None:
     import logging
 
     logging.getLogger("absl").setLevel(logging.WARNING)
-    from coso_jax.rl.config import DigiRLConfig, digirl_preset, parse_overrides
+    from coso_jax.rl.config import ConfigError, DigiRLConfig, digirl_preset, parse_overrides
     from coso_jax.rl.digirl.trainer import DigiRLTrainer
 
     start_time = time.perf_counter()
@@ -159,7 +159,12 @@ def run_digirl(args: argparse.Namespace) -> None:
                      sft_dir=os.path.join(workdir, "sft"), progress=False)
     if args.prompt_elements is not None:
         overrides["prompt_elements"] = args.prompt_elements
-    overrides.update(parse_overrides(args.set, DigiRLConfig))
+    user = parse_overrides(args.set, DigiRLConfig)
+    own = sorted(name for name in user if name.split(".")[-1] in RUN_FIELDS)  # flat or dotted names
+    if own:
+        raise ConfigError(f"--set {', '.join(own)}: set by this script for every run (use --algos, --seeds, "
+                          "--workdir, --online-iterations, --eval-episodes or --prompt-elements)")
+    overrides.update(user)
     runs, skipped, critic, start_test = [], [], None, None
     probe = digirl_preset("tiny_cpu", env="web/general", **overrides)
     start_cached = os.path.exists(os.path.join(probe.sft.dir, "summary.json"))  # built before this run's clock
@@ -277,6 +282,11 @@ def _plot_digirl(runs: list[dict[str, Any]], algos: list[str], per_iteration: in
     print(f"wrote {out_png}")
 
 
+# DigiRLConfig fields this script sets per run or from its own flags (`--set` of one would clash or be lost).
+RUN_FIELDS = frozenset({"algo", "seed", "env", "sft_dir", "progress", "online_iterations", "eval_episodes",
+                        "prompt_elements"})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--instances", type=int, nargs="+", default=[1, 2, 4])
@@ -307,9 +317,10 @@ def main() -> None:
 
 def run_main(args: argparse.Namespace) -> None:
     from coso_jax.envs.web import browser_unavailable_reason
+    from coso_jax.rl.config import ConfigError
 
     if args.set and not args.digirl:
-        raise SystemExit("--set: only with --digirl (the env-speed benchmark has no config to override)")
+        raise ConfigError("--set: only with --digirl (the env-speed benchmark has no config to override)")
     reason = browser_unavailable_reason()
     if reason:
         raise SystemExit(f"cannot run the web benchmark: {reason}")

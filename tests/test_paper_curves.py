@@ -248,20 +248,23 @@ def test_grid_report_from_hand_made_runs(tmp_path):
 
 
 def test_same_alpha_pairs_are_reported_apart_as_post_hoc(tmp_path):
-    # Entropy at 0.1 (x10: 1) and coso at 1 (x10: 10), as the sweep chose for Blackjack: entropy_x10 and
-    # coso share alpha 1, the only pair of equal alphas.
+    # Blackjack: entropy at 0.1 (x10: 1) and coso at 1 (x10: 10), as the sweep chose: entropy_x10 and coso
+    # share alpha 1, the only pair of equal alphas. EZPoints: both at 0.03 (and so both x10 at 0.3).
     arms = ("entropy", "coso", "entropy_x10", "coso_x10")
-    alphas = (("Blackjack", "entropy", 0.1), ("Blackjack", "coso", 1.0))
-    spec = pc.GridSpec(envs=("Blackjack",), algos=arms, seeds=(0, 1, 2, 3), workdir=str(tmp_path / "runs"),
+    alphas = (("Blackjack", "entropy", 0.1), ("Blackjack", "coso", 1.0),
+              ("EZPoints", "entropy", 0.03), ("EZPoints", "coso", 0.03))
+    spec = pc.GridSpec(envs=("Blackjack", "EZPoints"), algos=arms, seeds=(0, 1, 2, 3), workdir=str(tmp_path / "runs"),
                        peak_min_episodes=1, alphas=alphas, alphas_source="sweep.json")
     assert pc.same_alpha_pairs(spec, "Blackjack") == [("entropy_x10", "coso")]
+    assert pc.same_alpha_pairs(spec, "EZPoints") == [("entropy", "coso"), ("entropy_x10", "coso_x10")]
     finals = {"entropy": [0.3, 0.35, 0.3, 0.32], "coso": [0.34, 0.33, 0.36, 0.35],
               "entropy_x10": [0.28, 0.28, 0.29, 0.28], "coso_x10": [0.27, 0.28, 0.28, 0.27]}
     invalid = {"entropy": 0.2, "coso": 0.3, "entropy_x10": 1.0, "coso_x10": 0.9}
-    for arm in arms:
-        for seed in spec.seeds:
-            _fake_run(spec.run_dir("Blackjack", arm, seed), [(5, 0.3), (5, finals[arm][seed])], finals[arm][seed],
-                      invalid=invalid[arm] * (1 - 0.01 * seed))
+    for env in spec.envs:
+        for arm in arms:
+            for seed in spec.seeds:
+                _fake_run(spec.run_dir(env, arm, seed), [(5, 0.3), (5, finals[arm][seed])], finals[arm][seed],
+                          invalid=invalid[arm] * (1 - 0.01 * seed))
     payload = pc.report(spec, tmp_path / "out", "t", None)
     pair = payload["same_alpha_post_hoc"]["Blackjack"]["coso - entropy_x10"]
     assert pair["alpha"] == pytest.approx(1.0)
@@ -273,6 +276,9 @@ def test_same_alpha_pairs_are_reported_apart_as_post_hoc(tmp_path):
     md = (tmp_path / "out" / "paper_curves_t.md").read_text()
     section = md.split("## Post hoc, not pre-registered")[1]
     assert "| Blackjack | coso - entropy_x10 | 1 | 4 |" in section
+    # At equal chosen alphas, coso - entropy is the pre-registered comparison, repeated and marked as such.
+    assert "| EZPoints | coso - entropy (pre-registered above) | 0.03 | 4 |" in section
+    assert "| EZPoints | coso_x10 - entropy_x10 | 0.3 | 4 |" in section
     # The pre-registered statements never mention a post hoc pair.
     assert "entropy_x10" not in " ".join(payload["statements"])
 
@@ -355,7 +361,8 @@ def test_grid_refuses_to_start_without_the_sweep(tmp_path, capsys, monkeypatch):
         pc.main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: --alphas_from {tmp_path / 'none.json'}: no such file"]
+    assert err == [f"error: --alphas_from {tmp_path / 'none.json'}: not a file (pass the alpha_sweep_<tag>.json "
+                   "that --sweep wrote)"]
     assert not (tmp_path / "runs" / "NumberLine").exists()
     # Without --alphas_from, the default sweep file is looked for and its absence explained.
     monkeypatch.setattr(pc, "SWEEP_SMOKE_WORKDIR", str(tmp_path / "no_sweep"))
@@ -370,12 +377,13 @@ def test_input_files_that_are_not_what_they_should_be_are_one_line_errors(tmp_pa
     (tmp_path / "other.json").write_text(json.dumps({"table": {}}))
     (tmp_path / "web.json").write_text(json.dumps({"runs": [], "summary": {}}))
     for argv, message in [
-        (["--alphas_from", str(tmp_path / "bad.json")], f"error: {tmp_path / 'bad.json'} is not valid JSON ("),
+        (["--alphas_from", str(tmp_path / "bad.json")], f"error: {tmp_path / 'bad.json'} is not a valid JSON file ("),
         (["--alphas_from", str(tmp_path / "other.json")],
          f"error: {tmp_path / 'other.json'} is not the alpha sweep's JSON"),
         (["--starts_from", str(tmp_path / "other.json")],
          f"error: {tmp_path / 'other.json'} is not the start rule's JSON"),
-        (["--starts_from", str(tmp_path / "none.json")], f"error: --starts_from {tmp_path / 'none.json'}: no such file"),
+        (["--starts_from", str(tmp_path / "none.json")], f"error: --starts_from {tmp_path / 'none.json'}: not a file"),
+        (["--alphas_from", str(tmp_path)], f"error: --alphas_from {tmp_path}: not a file"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             pc.main(["--report_only", "--no_progress", f"--out={tmp_path / 'out'}", *argv])
@@ -393,7 +401,7 @@ def test_input_files_that_are_not_what_they_should_be_are_one_line_errors(tmp_pa
                        "the grid first, or pass the --workdir that holds its runs)")
     with pytest.raises(SystemExit):
         pc.parse_args(["--report_only", "--web_results", str(tmp_path / "none.json")])
-    assert f"--web_results {tmp_path / 'none.json'}: no such file" in capsys.readouterr().err
+    assert f"--web_results {tmp_path / 'none.json'}: not a file" in capsys.readouterr().err
     assert pc.web_panel(tmp_path / "web.json") == ({}, {})
     with pytest.raises(pc.ConfigError, match="is not a `benchmarks.alfworld --compare` JSON"):
         pc.alfworld_panel(tmp_path / "web.json")
@@ -441,6 +449,9 @@ def test_smoke_sweep_then_grid_finishes_skips_and_resumes(tmp_path):
 
     third = pc.main(argv)
     assert third["timings"]["runs_trained"] == 0 and third["timings"]["runs_skipped"] == 1
+    # Its report states the time of the latest invocation that trained, not "0 runs in 0.0 min".
+    md = (tmp_path / "runs" / "paper_curves_smoke.md").read_text()
+    assert "the last recorded invocation trained 1 runs in" in md
 
     # Invocations that trained are kept with the runs, so a report drawn later still states the time.
     history = json.loads((tmp_path / "runs" / "grid_timings.json").read_text())
@@ -468,10 +479,12 @@ def test_the_start_is_reported_from_its_evaluation_with_the_most_episodes(tmp_pa
     (tmp_path / "sft_eval_NumberLine.json").write_text(json.dumps({"success_rate": 0.4, "episodes": 84}))
     (tmp_path / "sft_eval_NumberLine_2048_steps.json").write_text(json.dumps({"success_rate": 0.33, "episodes": 338}))
     (tmp_path / "sft_eval_NumberLineX.json").write_text(json.dumps({"success_rate": 1.0, "episodes": 9999}))
+    (tmp_path / "sft_eval_NumberLineX_4096_steps.json").write_text(json.dumps({"success_rate": 1.0, "episodes": 9999}))
     assert pc.start_measurement(tmp_path, "NumberLine")["episodes"] == 338
     # Binomial standard error sqrt(p (1 - p) / n), in percentage points.
     assert pc.fmt_start(0.33, 338) == f"33.0 ± {100 * np.sqrt(0.33 * 0.67 / 338):.1f}"
     assert pc.fmt_start(0.4, None) == "40.0" and pc.fmt_start(None, 10) == "n/a"
+    assert pc.fmt_start(0.0, 253) == "0.0 (0 of 253)"  # not "0.0 ± 0.0", which would read as exact
     spec = pc.GridSpec(envs=("NumberLine",), algos=("none",), workdir=str(tmp_path / "empty"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(pc.ConfigError, match="no SFT start of NumberLine .*run the grid first"):

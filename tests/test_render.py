@@ -35,7 +35,7 @@ def test_control_characters_are_drawn_escaped_without_font_warnings(tmp_path):
     from coso_jax.causal.render import _display
 
     assert _display("a\x01b") == "a\\x01b" and _display("x\n") == "x\\n" and _display("$5") == r"\$5"
-    assert _display("") == " " and _display("é ok") == "é ok"
+    assert _display("") == " " and _display("é ok") == "é ok" and _display("\u2028") == "\\u2028"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # matplotlib's "Glyph 1 missing from font(s)" would fail here
         render_token_heatmap([["go", "\x01", "\x7f", "\t"]], [[0.1, 0.5, 0.9, 0.2]], tmp_path / "h.png")

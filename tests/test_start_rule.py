@@ -88,7 +88,8 @@ def test_missing_or_incomplete_start_rule_is_one_clear_line(tmp_path, capsys):
         pc.main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: --starts_from {tmp_path / 'none.json'}: no such file"]
+    assert err == [f"error: --starts_from {tmp_path / 'none.json'}: not a file (pass the start_rule_<tag>.json "
+                   "that --starts wrote)"]
     with pytest.raises(SystemExit) as exit_info:  # the default, <out>/start_rule_<tag>.json, is missing too
         pc.main([*argv[:-2], f"--out={tmp_path / 'out'}"])
     err = capsys.readouterr().err.strip().splitlines()

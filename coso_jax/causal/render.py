@@ -24,7 +24,7 @@ def _display(token: str) -> str:
     # Make newlines and other control characters visible (the font has no glyph for them: matplotlib
     # warns once per character) and keep mathtext from interpreting '$'.
     token = token.replace("\n", "\\n").replace("$", r"\$")
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in token) or " "
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in token) or " "
 
 
 def render_token_heatmap(tokens: Sequence[Sequence[str]], weights, path, *,
