@@ -433,6 +433,21 @@ def _sft_dir(workdir: str | Path, config: PPOConfig) -> Path:
     return Path(workdir) / "sft" / f"{config.env}-{config.preset}-{config.start_fingerprint()[:10]}"
 
 
+def evaluate_start(config: PPOConfig, workdir: str | Path, eval_steps: int, run_dir: str | Path, *,
+                   seed: int | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """`PPOTrainer.evaluate(eval_steps)` (at `seed`, else the trainer's evaluation seed) of `config`'s SFT
+    start, cached under <workdir>/sft (built there first if missing), by a fresh trainer writing to `run_dir`;
+    returns the evaluation and the start's summary."""
+    from coso_jax.rl.ppo.trainer import PPOTrainer
+
+    trainer = PPOTrainer(config.replace(sft_dir=str(_sft_dir(workdir, config))), run_dir, resume=False)
+    try:
+        measured = trainer.evaluate(eval_steps) if seed is None else trainer.evaluate(eval_steps, seed=seed)
+        return measured, trainer.start_summary
+    finally:
+        trainer.close()
+
+
 def _read_result(run_dir: Path) -> dict[str, Any] | None:
     return read_json(run_dir / "result.json")
 
@@ -525,8 +540,6 @@ def measure_starts(spec: GridSpec, eval_steps: int) -> dict[str, dict[str, Any]]
     ConfigError if a game's start has not been built (run the grid first)."""
     import tempfile
 
-    from coso_jax.rl.ppo.trainer import PPOTrainer
-
     out = {}
     for env in spec.envs:
         path = start_eval_path(spec.workdir, env, eval_steps)
@@ -541,12 +554,8 @@ def measure_starts(spec: GridSpec, eval_steps: int) -> dict[str, dict[str, Any]]
                               "it ran with")
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(dir=spec.workdir) as run_dir:  # the trainer's files are not kept
-            trainer = PPOTrainer(config.replace(sft_dir=str(sft_dir)), run_dir)
-            try:
-                result = dict(trainer.evaluate(eval_steps), eval_steps=eval_steps, start=sft_dir.name)
-            finally:
-                trainer.close()
-        result["wall_s"] = time.perf_counter() - t0
+            measured, _ = evaluate_start(config, spec.workdir, eval_steps, run_dir)
+        result = dict(measured, eval_steps=eval_steps, start=sft_dir.name, wall_s=time.perf_counter() - t0)
         write_json_atomic(path, result)
         print(f"{env}: SFT start success {result['success_rate']:.3f} over {result['episodes']} episodes "
               f"({eval_steps} env steps, {result['wall_s']:.0f} s)", flush=True)

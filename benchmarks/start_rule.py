@@ -93,7 +93,6 @@ def measure(spec: StartSpec) -> dict[str, Any]:
     """Measures each game's ladder up to the first start that reaches the threshold (cached measurements
     are re-used if their settings match); returns per game the ladder and the choice."""
     from coso_jax import metrics as metrics_lib
-    from coso_jax.rl.ppo.trainer import PPOTrainer
 
     default = int(dict(spec.overrides)[FIELD])
     games: dict[str, Any] = {}
@@ -109,13 +108,8 @@ def measure(spec: StartSpec) -> dict[str, Any]:
                         or record.get("eval_steps") != spec.eval_steps:
                     bar.set_scalars({"start": f"{env}, {FIELD}={sft_epochs}"})
                     t0 = time.perf_counter()
-                    config = config.replace(sft_dir=str(pc._sft_dir(spec.workdir, config)))
-                    trainer = PPOTrainer(config, path.parent / f"{FIELD}_{sft_epochs}_run", resume=False)
-                    try:
-                        measured = trainer.evaluate(spec.eval_steps, seed=EVAL_SEED)
-                        sft = trainer.start_summary
-                    finally:
-                        trainer.close()
+                    measured, sft = pc.evaluate_start(config, spec.workdir, spec.eval_steps,
+                                                      path.parent / f"{FIELD}_{sft_epochs}_run", seed=EVAL_SEED)
                     record = {"env": env, FIELD: sft_epochs, **measured, "eval_steps": spec.eval_steps,
                               "eval_seed": EVAL_SEED, "fingerprint": spec.config(env, sft_epochs).resume_fingerprint(),
                               "sft_seconds": (sft or {}).get("sft_seconds"),
